@@ -1,0 +1,87 @@
+"""Pipeline configuration: defaults are the official Video ReCap values; a TOML file overrides them.
+
+    [features]
+    encoder = "tsf-base"
+    checkpoint = "/ckpt/clip_openai_timesformer_base.baseline.ep_0003.pth"
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class WindowConfig:
+    clip_s: float = 4.0          # clip windows [4k, 4k+4)
+    segment_s: float = 180.0     # segment windows [180j, 180j+180)
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    encoder: str = "tsf-base"    # see models.encoders; "tsf-tiny" for tests and the demo
+    checkpoint: str = ""         # local LaViLa / VideoPrism weights; empty = seeded random weights
+    tokens: bool = True          # store all tokens per window (the clip level needs them)
+    batch_size: int = 16         # windows per encoder call
+    device: str = "cpu"
+    chunk_windows: int = 128     # windows per work unit; a multiple of rows_per_chunk
+    rows_per_chunk: int = 64     # Zarr chunk rows of the CLS array
+    decode_threads: int = 1
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    workers: int = 0             # Ray workers per stage; 0 = as many as the cluster's CPUs allow
+    address: str = ""            # Ray address; empty = RAY_ADDRESS or a local instance
+    executor: str = "ray"        # "ray" or "local" (in-process, for debugging)
+    max_retries: int = 2         # retries of a task whose worker died
+
+
+@dataclass(frozen=True)
+class Config:
+    store: str = "recap-store"
+    windows: WindowConfig = field(default_factory=WindowConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _merge(obj, overrides: dict, where: str):
+    known = {f.name: f for f in fields(obj)}
+    changes = {}
+    for key, value in overrides.items():
+        if key not in known:
+            raise ValueError(f"{where}: unknown setting {key!r}; known: {', '.join(sorted(known))}")
+        current = getattr(obj, key)
+        if is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}.{key}: expected a table of settings")
+            changes[key] = _merge(current, value, f"{where}.{key}")
+        else:
+            expected = type(current)
+            if expected is float and isinstance(value, int):
+                value = float(value)
+            if not isinstance(value, expected):
+                raise ValueError(f"{where}.{key}: expected {expected.__name__}, got {value!r}")
+            changes[key] = value
+    return replace(obj, **changes)
+
+
+def load_config(path: str | os.PathLike | None = None, **overrides) -> Config:
+    """Defaults, then the TOML file, then keyword overrides like features={"encoder": "tsf-tiny"}."""
+    config = Config()
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: config file not found")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: not valid TOML ({e})") from None
+        config = _merge(config, data, str(path))
+    clean = {k: v for k, v in overrides.items() if v is not None and v != {}}
+    return _merge(config, clean, "overrides") if clean else config

@@ -1,0 +1,82 @@
+"""Ingest orchestration: probe many files in parallel, register the good ones, record the bad ones."""
+
+from __future__ import annotations
+
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from pipeline.progress import Progress, Summary
+from stages.ingest import list_videos, probe_video, read_hcap
+from store import Store, fingerprint, read_videos, register_videos, video_id_for, write_groundtruth
+
+STAGE, VERSION = "ingest", "v1"
+
+
+def ingest(store: Store, sources: list[str], threads: int = 4, stream=sys.stderr) -> Summary:
+    """Register every video found in `sources` (folders, list files or video paths)."""
+    start = time.monotonic()
+    uris = []
+    for source in sources:
+        uris += [source] if Path(source).suffix.lower() in {".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v"} \
+            else list_videos(source)
+    summary = Summary(STAGE)
+    known = {v["video_id"]: v["uri"] for v in read_videos(store, status=None)}
+    claimed: dict[str, str] = {}
+    units = []
+    for uri in uris:
+        vid = video_id_for(Path(uri).stem, uri)
+        owner = claimed.get(vid) or known.get(vid)
+        if owner is not None and owner != uri:
+            record = store.record_failure(STAGE, VERSION, f"{vid}@{fingerprint(uri, length=10)}", ValueError(
+                f"{uri}: video id {vid!r} is already taken by {owner}; rename one of the files"), vid)
+            summary.failed += 1
+            summary.failures.append(record)
+            print(f"[{STAGE}] FAILED {record['message']}", file=stream)
+            continue
+        claimed[vid] = uri
+        units.append((vid, uri))
+
+    progress = Progress(STAGE, len(units), len(units), "videos", stream)
+    rows = []
+
+    def probe(item):
+        vid, uri = item
+        try:
+            return vid, probe_video(uri), None
+        except Exception as e:
+            return vid, None, e
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        for vid, row, error in pool.map(probe, units):
+            if error is None:
+                rows.append(row)
+            else:
+                record = store.record_failure(STAGE, VERSION, vid, error)
+                summary.failed += 1
+                summary.failures.append(record)
+                print(f"[{STAGE}] FAILED {record['message']}", file=stream)
+            progress.advance(1)
+    counts = register_videos(store, rows)
+    for row in rows:
+        store.remove(f"failures/{STAGE}/{VERSION}/{row['video_id']}.json")
+    summary.done = counts["added"] + counts["updated"]
+    summary.skipped = counts["unchanged"]
+    summary.work = len(units)
+    summary.wall_s = time.monotonic() - start
+    print(summary.line(), file=stream, flush=True)
+    return summary
+
+
+def ingest_hcap(store: Store, metadata_dir: str, videos_root: str, threads: int = 4,
+                stream=sys.stderr) -> Summary:
+    """Ego4D-HCap: ground truth from the metadata files, and ROOT/{vid}.mp4 registered."""
+    tables = read_hcap(metadata_dir)
+    for level, table in tables.items():
+        if table.num_rows:
+            write_groundtruth(store, level, table)
+            print(f"[{STAGE}] ground truth {level}: {table.num_rows} rows", file=stream)
+    vids = sorted({v for t in tables.values() for v in t["video_id"].to_pylist()})
+    root = videos_root.rstrip("/")
+    return ingest(store, [f"{root}/{vid}.mp4" for vid in vids], threads, stream)

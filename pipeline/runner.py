@@ -1,0 +1,121 @@
+"""Runs a stage over its units: skip committed ones, run the rest in-process or on Ray, record failures."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+
+from pipeline.progress import Progress, Summary
+from stages.base import Blocked, Stage, Unit
+from store import Store
+
+
+def todo_units(stage: Stage, store: Store, retry_failed: bool = False):
+    """Split a stage's plan into (to run, already done, failed before, blocked)."""
+    version = stage.version()
+    planned = stage.plan(store)
+    blocked = [u for u in planned if isinstance(u, Blocked)]
+    units = [u for u in planned if isinstance(u, Unit)]
+    markers = store.markers(stage.name, version)
+    failed_before = {f["unit"]: f for f in store.failures(stage.name, version)}
+    todo, done, failed = [], [], []
+    for u in units:
+        if markers.get(u.id, {}).get("fingerprint") == u.fingerprint:
+            done.append(u)
+        elif u.id in failed_before and not retry_failed:
+            failed.append(failed_before[u.id])
+        else:
+            todo.append(u)
+    return todo, done, failed, blocked
+
+
+def run_stage(stage: Stage, store: Store, *, executor: str = "ray", workers: int = 0,
+              retry_failed: bool = False, max_retries: int = 2, progress_every_s: float = 2.0,
+              stream=sys.stderr) -> Summary:
+    start = time.monotonic()
+    todo, done, failed_before, blocked = todo_units(stage, store, retry_failed)
+    summary = Summary(stage.name, skipped=len(done), failed=len(failed_before), blocked=len(blocked),
+                      failures=list(failed_before), blocked_reasons=[b.reason for b in blocked])
+    for record in failed_before:
+        print(f"[{stage.name}] {record['unit']}: failed before ({record['message']}); "
+              f"--retry-failed to try again", file=stream)
+    if todo:
+        stage.prepare(store, todo)
+        progress = Progress(stage.name, len(todo), sum(u.work for u in todo), stage.work_name, stream,
+                            progress_every_s)
+        results = (_run_ray(stage, store, todo, workers, max_retries) if executor == "ray"
+                   else _run_local(stage, store, todo))
+        for unit, error in results:
+            if error is None:
+                summary.done += 1
+                summary.work += unit.work
+            else:
+                record = store.record_failure(stage.name, stage.version(), unit.id, error, unit.video_id)
+                summary.failed += 1
+                summary.failures.append(record)
+                print(f"[{stage.name}] {unit.id}: FAILED {record['error_type']}: {record['message']}", file=stream)
+            progress.advance(unit.work)
+    summary.wall_s = time.monotonic() - start
+    print(summary.line(), file=stream, flush=True)
+    return summary
+
+
+def _run_local(stage: Stage, store: Store, units: list[Unit]):
+    stage.setup()
+    for unit in units:
+        try:
+            stage.process(unit, store)
+            yield unit, None
+        except Exception as e:  # one bad unit never stops the batch
+            if os.environ.get("RECAP_DEBUG"):
+                traceback.print_exc()
+            yield unit, e
+
+
+def _run_ray(stage: Stage, store: Store, units: list[Unit], workers: int, max_retries: int):
+    import ray
+
+    from pipeline.ray_pool import StageWorker, ensure_ray
+
+    ensure_ray()
+    res = stage.resources
+    if workers <= 0:
+        cpus = ray.cluster_resources().get("CPU", 1)
+        workers = max(1, int(cpus // max(res.cpus, 1e-3)))
+    workers = min(workers, len(units))
+    actor_cls = ray.remote(StageWorker).options(
+        num_cpus=res.cpus, num_gpus=res.gpus, memory=int(res.memory_gb * 2**30) if res.memory_gb else None,
+        max_restarts=max_retries, max_task_retries=max_retries)
+    actors = [actor_cls.remote(stage) for _ in range(workers)]
+    queue = list(reversed(units))
+    in_flight = {}
+    per_actor = 2  # one running, one queued: keeps workers busy without piling up memory
+
+    def submit(actor):
+        unit = queue.pop()
+        in_flight[actor.process.remote(unit, store)] = (unit, actor)
+
+    for actor in actors:
+        for _ in range(per_actor):
+            if queue:
+                submit(actor)
+    try:
+        while in_flight:
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            unit, actor = in_flight.pop(ready[0])
+            try:
+                ray.get(ready[0])
+                yield unit, None
+            except ray.exceptions.RayTaskError as e:
+                yield unit, e.cause if isinstance(e.cause, BaseException) else e
+            except ray.exceptions.RayActorError as e:
+                yield unit, RuntimeError(f"worker died {max_retries + 1} times on this unit ({type(e).__name__})")
+                actor = actor_cls.remote(stage)  # the old one used up its restarts
+                actors.append(actor)
+            if queue:
+                submit(actor)
+    finally:
+        for actor in actors:
+            ray.kill(actor)

@@ -1,0 +1,129 @@
+"""Ingest: probe video files into registry rows; read Ego4D-HCap ground truth."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import av
+import decord
+import fsspec
+import pyarrow as pa
+
+from store import GROUNDTRUTH_SCHEMA, file_digest, now_iso, video_id_for
+
+VIDEO_SUFFIXES = {".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v"}
+SPLITS = ("train", "val", "test")
+
+
+class BadVideo(ValueError):
+    """A file that is not a usable video; the message names the file and the problem."""
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
+
+
+def probe_video(uri: str) -> dict:
+    """Registry row of one video file; raises BadVideo naming the file and the problem."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    if not fs.exists(path):
+        raise BadVideo(f"{uri}: file not found")
+    size = int(fs.size(path))
+    if size == 0:
+        raise BadVideo(f"{uri}: empty file (0 bytes)")
+    local = path if "file" in fs.protocol else fs.open(path, "rb")
+    try:
+        reader = decord.VideoReader(local, num_threads=1)
+    except Exception as e:
+        raise BadVideo(f"{uri}: not a readable video ({_first_line(e)})") from None
+    frames, fps = len(reader), float(reader.get_avg_fps())
+    if frames == 0:
+        raise BadVideo(f"{uri}: no video frames")
+    if not fps > 0:
+        raise BadVideo(f"{uri}: no frame rate in the stream")
+    try:
+        height, width = reader[0].shape[:2]
+        reader[frames - 1]
+    except Exception as e:
+        raise BadVideo(f"{uri}: truncated or corrupt, cannot decode all {frames} frames ({_first_line(e)})") from None
+    return {
+        "video_id": video_id_for(Path(path).stem, uri), "uri": uri, "content_id": file_digest(fs, path),
+        "size_bytes": size, "duration_s": frames / fps, "fps": fps, "width": int(width),
+        "height": int(height), "frames": frames, "codec": _codec_name(local), "status": "ok",
+        "error": None, "ingested_at": now_iso(),
+    }
+
+
+def _codec_name(local) -> str | None:
+    try:
+        if not isinstance(local, str):
+            local.seek(0)
+        with av.open(local) as container:
+            return container.streams.video[0].codec_context.name
+    except Exception:
+        return None
+
+
+def list_videos(source: str) -> list[str]:
+    """Video paths from a folder (recursively, by suffix) or a text file of paths/URLs."""
+    fs, path = fsspec.core.url_to_fs(source)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{source}: no such folder or list file")
+    if fs.isdir(path):
+        found = [p for p in fs.find(path) if Path(p).suffix.lower() in VIDEO_SUFFIXES]
+        return sorted(fs.unstrip_protocol(p) if "file" not in fs.protocol else p for p in found)
+    with fs.open(path, "r") as f:
+        return [line.strip() for line in f if line.strip() and not line.startswith("#")]
+
+
+# ---- Ego4D-HCap metadata -------------------------------------------------------
+
+class _PlainUnpickler(pickle.Unpickler):
+    """HCap metadata holds only builtin containers; refuse anything else."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: metadata must be plain data")
+
+
+def _load_pickle(path: Path):
+    with open(path, "rb") as f:
+        return _PlainUnpickler(f).load()
+
+
+def read_hcap(metadata_dir: str | os.PathLike) -> dict[str, pa.Table]:
+    """Ground-truth tables per level from Ego4D-HCap metadata files.
+
+    clips_{split}.pkl: [(vid, start_sec, end_sec, caption)]
+    segments_{split}.pkl: [{vid, sid, start_sec, end_sec, captions_gt, segment_description}]
+    videos_{split}.json: [{vid, start_sec, end_sec, segment_descriptions, video_summary}]
+    """
+    root = Path(metadata_dir)
+    rows = {"clip": [], "segment": [], "video": []}
+    found = False
+    for split in SPLITS:
+        clips, segments, videos = root / f"clips_{split}.pkl", root / f"segments_{split}.pkl", root / f"videos_{split}.json"
+        if clips.exists():
+            found = True
+            for vid, start, end, caption in _load_pickle(clips):
+                rows["clip"].append((vid, split, "clip", start, end, caption))
+        if segments.exists():
+            found = True
+            for seg in _load_pickle(segments):
+                rows["segment"].append((seg["vid"], split, "segment", seg["start_sec"], seg["end_sec"],
+                                        seg["segment_description"]))
+        if videos.exists():
+            found = True
+            for video in json.loads(videos.read_text()):
+                rows["video"].append((video["vid"], split, "video", video["start_sec"], video["end_sec"],
+                                      video["video_summary"]))
+    if not found:
+        raise FileNotFoundError(f"{root}: no Ego4D-HCap metadata (clips_*.pkl, segments_*.pkl, videos_*.json)")
+    return {
+        level: pa.Table.from_pylist([dict(zip(GROUNDTRUTH_SCHEMA.names, r)) for r in level_rows],
+                                    schema=GROUNDTRUTH_SCHEMA)
+        for level, level_rows in rows.items()
+    }

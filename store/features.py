@@ -1,0 +1,103 @@
+"""Per-window video features in Zarr v3.
+
+features/<feature_set>/<video_id>/
+    cls      [n_windows, D]     float16, chunks of `rows_per_chunk` rows
+    tokens   [n_windows, N, D]  float16, optional, chunks of a few windows
+    windows  [n_windows, 2]     float64 seconds [start, end)
+    zarr.json                   attributes: fingerprint, encoder, sizes
+
+CLS and tokens are separate arrays, so reading a few CLS rows never touches
+token chunks. Arrays are created whole before any rows are written; work
+units then fill disjoint, chunk-aligned row ranges and each commits a marker.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import zarr
+
+from store.ids import check_name
+from store.store import Store
+
+
+class FeatureSet:
+    def __init__(self, store: Store, name: str):
+        self.store = store
+        self.name = check_name(name, "feature set")
+
+    def rel(self, video_id: str) -> str:
+        return f"features/{self.name}/{check_name(video_id, 'video id')}"
+
+    def videos(self) -> list[str]:
+        return self.store.listdir(f"features/{self.name}")
+
+    def info(self, video_id: str) -> dict | None:
+        """The video's group attributes, or None if it has no complete group."""
+        if not self.store.exists(f"{self.rel(video_id)}/zarr.json"):
+            return None
+        return dict(zarr.open_group(self.store.url(self.rel(video_id)), mode="r").attrs)
+
+    def create(self, video_id: str, windows: np.ndarray, dim: int, num_tokens: int | None,
+               fingerprint: str, attrs: dict | None = None, rows_per_chunk: int = 64,
+               token_rows_per_chunk: int = 4) -> bool:
+        """Create the video's empty arrays; returns False if they already exist for this fingerprint.
+
+        A group of another fingerprint is moved to superseded/ first. The group
+        is built under a hidden name and renamed into place, so a reader never
+        sees a group with missing arrays.
+        """
+        rel = self.rel(video_id)
+        info = self.info(video_id)
+        if info is not None and info.get("fingerprint") == fingerprint:
+            return False
+        if info is not None:
+            self.store.supersede(rel, info.get("fingerprint", "unknown"))
+        else:
+            self.store.remove(rel)  # a half-moved leftover without group metadata
+        n = len(windows)
+        tmp = self.store.tmp_name(rel)
+        group = zarr.open_group(self.store.url(tmp), mode="w")
+        group.attrs.update({**(attrs or {}), "fingerprint": fingerprint, "n_windows": n, "dim": dim,
+                            "num_tokens": num_tokens, "rows_per_chunk": rows_per_chunk})
+        group.create_array("windows", data=np.asarray(windows, dtype="float64"), chunks=(max(n, 1), 2))
+        group.create_array("cls", shape=(n, dim), chunks=(rows_per_chunk, dim), dtype="float16")
+        if num_tokens:
+            group.create_array("tokens", shape=(n, num_tokens, dim),
+                               chunks=(token_rows_per_chunk, num_tokens, dim), dtype="float16")
+        self.store.replace(tmp, rel)
+        return True
+
+    def _array(self, video_id: str, name: str, mode: str = "r") -> zarr.Array:
+        return zarr.open_array(self.store.url(f"{self.rel(video_id)}/{name}"), mode=mode)
+
+    def write(self, video_id: str, start: int, cls: np.ndarray, tokens: np.ndarray | None = None) -> None:
+        """Write rows [start, start + len(cls)) of a created video."""
+        stop = start + len(cls)
+        self._array(video_id, "cls", "r+")[start:stop] = np.asarray(cls, dtype="float16")
+        if tokens is not None:
+            self._array(video_id, "tokens", "r+")[start:stop] = np.asarray(tokens, dtype="float16")
+
+    def windows(self, video_id: str) -> np.ndarray:
+        return self._array(video_id, "windows")[:]
+
+    def read_cls(self, video_id: str, rows=None) -> np.ndarray:
+        """CLS rows (all, a slice, or an index array) without touching tokens."""
+        arr = self._array(video_id, "cls")
+        if rows is None:
+            return arr[:]
+        if isinstance(rows, slice):
+            return arr[rows]
+        return arr.get_orthogonal_selection((np.asarray(rows, dtype=np.int64), slice(None)))
+
+    def read_tokens(self, video_id: str, rows: slice) -> np.ndarray:
+        if not self.store.exists(f"{self.rel(video_id)}/tokens/zarr.json"):
+            raise FileNotFoundError(
+                f"{self.rel(video_id)}: no tokens stored (features ran with --no-tokens or tokens were pruned)")
+        return self._array(video_id, "tokens")[rows]
+
+    def prune_tokens(self, video_id: str) -> int:
+        """Delete the video's token array; returns the bytes freed."""
+        rel = f"{self.rel(video_id)}/tokens"
+        freed = self.store.size(rel)
+        self.store.remove(rel)
+        return freed

@@ -1,0 +1,309 @@
+"""The store: a root folder or fsspec URL holding tables, features and markers.
+
+Layout (relative to the root):
+    videos.parquet                        registry of ingested videos
+    groundtruth/<level>.parquet           reference captions
+    features/<feature_set>/<video_id>/    Zarr v3 arrays (see store.features)
+    captions/<level>/<version>/<video_id>.parquet
+    markers/<stage>/<version>/<unit>.json  completion markers, written last
+    failures/<stage>/<version>/<unit>.json failure records
+    superseded/<fingerprint>/...           outputs replaced by a changed fingerprint
+    locks/                                 short-lived commit locks (local roots)
+
+Every write is atomic: a hidden temporary name, then a rename (local) or a
+single put (object stores). Readers of table folders skip hidden names.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+import socket
+import time
+import uuid
+from contextlib import contextmanager
+from datetime import datetime, timezone
+
+import fsspec
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from store.ids import check_name
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class Store:
+    LOCK_STALE_S = 120.0
+
+    def __init__(self, root: str | os.PathLike = "recap-store"):
+        self.root = str(root)
+        self.fs, self.path = fsspec.core.url_to_fs(self.root)
+        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        if self.local:
+            self.path = os.path.abspath(self.path)
+        self.fs.makedirs(self.path, exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"Store({self.root!r})"
+
+    def __reduce__(self):  # cheap to ship to Ray workers: reopen from the URL
+        return (Store, (self.root,))
+
+    # ---- paths -----------------------------------------------------------------
+
+    def abs(self, rel: str) -> str:
+        rel = rel.strip("/")
+        if any(part in ("..", "") for part in rel.split("/")) and rel:
+            raise ValueError(f"path {rel!r} escapes the store")
+        return posixpath.join(self.path, rel) if rel else self.path
+
+    def url(self, rel: str) -> str:
+        """A URL other libraries (zarr, dask) can open."""
+        full = self.abs(rel)
+        return full if self.local else self.fs.unstrip_protocol(full)
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.abs(rel))
+
+    def listdir(self, rel: str) -> list[str]:
+        """Visible entry names directly under `rel` (empty if absent)."""
+        full = self.abs(rel)
+        if not self.fs.exists(full):
+            return []
+        names = [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(full, detail=False)]
+        return sorted(n for n in names if not n.startswith((".", "_")))
+
+    def size(self, rel: str) -> int:
+        full = self.abs(rel)
+        if not self.fs.exists(full):
+            return 0
+        return int(self.fs.du(full, total=True)) if self.fs.isdir(full) else int(self.fs.size(full))
+
+    # ---- atomic writes ---------------------------------------------------------
+
+    def tmp_name(self, rel: str) -> str:
+        """A hidden sibling of `rel` to write before renaming into place."""
+        head, tail = posixpath.split(rel)
+        return posixpath.join(head, f".tmp-{tail}-{uuid.uuid4().hex[:12]}")
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        tmp = self.tmp_name(rel)
+        self.fs.makedirs(posixpath.dirname(self.abs(rel)), exist_ok=True)
+        with self.fs.open(self.abs(tmp), "wb") as f:
+            f.write(data)
+        self.replace(tmp, rel)
+
+    def replace(self, src_rel: str, dst_rel: str) -> None:
+        """Move src over dst atomically (local rename; on object stores a move of a hidden temp)."""
+        src, dst = self.abs(src_rel), self.abs(dst_rel)
+        self.fs.makedirs(posixpath.dirname(dst), exist_ok=True)
+        if self.local:
+            os.replace(src, dst)
+        else:
+            self.fs.mv(src, dst, recursive=True)
+
+    def remove(self, rel: str) -> None:
+        full = self.abs(rel)
+        if self.fs.exists(full):
+            self.fs.rm(full, recursive=True)
+
+    def write_json(self, rel: str, obj) -> None:
+        self.write_bytes(rel, json.dumps(obj, indent=1, sort_keys=True, default=str).encode())
+
+    def read_json(self, rel: str):
+        try:
+            with self.fs.open(self.abs(rel), "rb") as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+
+    def write_table(self, rel: str, table: pa.Table) -> None:
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        self.write_bytes(rel, buf.getvalue())
+
+    def stage_table(self, rel: str, table: pa.Table) -> str:
+        """Write a table under a hidden temporary name; return that name for `commit`."""
+        tmp = self.tmp_name(rel)
+        self.fs.makedirs(posixpath.dirname(self.abs(rel)), exist_ok=True)
+        with self.fs.open(self.abs(tmp), "wb") as f:
+            pq.write_table(table, f)
+        return tmp
+
+    def read_table(self, rel: str, columns=None, filter=None) -> pa.Table | None:
+        """A Parquet file, or every visible Parquet file under a folder, as one table."""
+        full = self.abs(rel)
+        if not self.fs.exists(full):
+            return None
+        if self.fs.isdir(full) and not self.listdir(rel):
+            return None
+        dataset = ds.dataset(full, filesystem=self.fs, format="parquet")
+        return dataset.to_table(columns=columns, filter=filter)
+
+    # ---- markers, failures, commits -------------------------------------------
+
+    @staticmethod
+    def _unit_rel(kind: str, stage: str, version: str, unit: str) -> str:
+        check_name(stage, "stage")
+        check_name(version, "version")
+        check_name(unit, "unit id")
+        return f"{kind}/{stage}/{version}/{unit}.json"
+
+    def marker(self, stage: str, version: str, unit: str) -> dict | None:
+        return self.read_json(self._unit_rel("markers", stage, version, unit))
+
+    def markers(self, stage: str, version: str) -> dict[str, dict]:
+        """All completion markers of one stage version, by unit id."""
+        out = {}
+        for name in self.listdir(f"markers/{stage}/{version}"):
+            m = self.read_json(f"markers/{stage}/{version}/{name}")
+            if m is not None:
+                out[name.removesuffix(".json")] = m
+        return out
+
+    def is_done(self, stage: str, version: str, unit: str, fingerprint: str) -> bool:
+        m = self.marker(stage, version, unit)
+        return m is not None and m.get("fingerprint") == fingerprint
+
+    def commit(self, stage: str, version: str, unit: str, fingerprint: str,
+               outputs: dict[str, str | None], stats: dict | None = None) -> bool:
+        """Move staged outputs into place and write the marker last.
+
+        `outputs` maps final path -> staged temporary path (None for output
+        already written in place, such as Zarr regions). Returns False when
+        another process committed the same unit and fingerprint first; the
+        staged files are then discarded. Outputs of an earlier, different
+        fingerprint are moved to superseded/ rather than overwritten.
+        """
+        with self.lock(f"{stage}.{version}.{unit}"):
+            old = self.marker(stage, version, unit)
+            if old is not None and old.get("fingerprint") == fingerprint:
+                for tmp in outputs.values():
+                    if tmp:
+                        self.remove(tmp)
+                return False
+            if old is not None:
+                for final in old.get("outputs", []):
+                    if final not in outputs or outputs[final]:
+                        self.supersede(final, old["fingerprint"])
+            for final, tmp in outputs.items():
+                if tmp:
+                    self.replace(tmp, final)
+            self.write_json(self._unit_rel("markers", stage, version, unit), {
+                "stage": stage, "version": version, "unit": unit, "fingerprint": fingerprint,
+                "outputs": sorted(outputs), "stats": stats or {}, "committed_at": now_iso(),
+            })
+            self.remove(self._unit_rel("failures", stage, version, unit))
+        return True
+
+    def supersede(self, rel: str, old_fingerprint: str) -> None:
+        """Keep an output that a new fingerprint replaces, under superseded/<old fp>/."""
+        if self.exists(rel):
+            self.replace(rel, f"superseded/{old_fingerprint}/{rel}")
+
+    def record_failure(self, stage: str, version: str, unit: str, error: BaseException | str,
+                       video_id: str | None = None) -> dict:
+        rel = self._unit_rel("failures", stage, version, unit)
+        previous = self.read_json(rel) or {}
+        record = {
+            "stage": stage, "version": version, "unit": unit, "video_id": video_id or unit,
+            "error_type": type(error).__name__ if isinstance(error, BaseException) else "Error",
+            "message": str(error).strip().splitlines()[0][:500] if str(error).strip() else repr(error),
+            "attempts": int(previous.get("attempts", 0)) + 1, "failed_at": now_iso(),
+        }
+        self.write_json(rel, record)
+        return record
+
+    def failures(self, stage: str, version: str | None = None) -> list[dict]:
+        versions = [version] if version else self.listdir(f"failures/{stage}")
+        records = []
+        for v in versions:
+            for name in self.listdir(f"failures/{stage}/{v}"):
+                rec = self.read_json(f"failures/{stage}/{v}/{name}")
+                if rec:
+                    records.append(rec)
+        return records
+
+    # ---- locks -----------------------------------------------------------------
+
+    @contextmanager
+    def lock(self, name: str, timeout_s: float = 300.0):
+        """Exclusive lock for a short critical section (local roots).
+
+        Object stores have no exclusive create through fsspec; there commits
+        rely on single-object puts and deterministic outputs, so the last
+        writer wins with identical content.
+        """
+        if not self.local:
+            yield
+            return
+        path = self.abs(f"locks/{check_name(name, 'lock name')}.lock")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        owner = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "t": time.time()})
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                os.write(fd, owner.encode())
+                os.close(fd)
+                break
+            except FileExistsError:
+                stale = self._stale_lock_content(path)
+                if stale is not None:
+                    self._break_lock(path, stale)
+                    continue
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{path}: lock held by another process for over {timeout_s:.0f} s")
+                time.sleep(0.02)
+        try:
+            yield
+        finally:
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+
+    def _stale_lock_content(self, path: str) -> bytes | None:
+        """The lock file's content if its owner is gone, else None."""
+        try:
+            with open(path, "rb") as f:
+                content = f.read()
+            info = json.loads(content or b"{}")
+        except FileNotFoundError:
+            return None
+        except json.JSONDecodeError:  # owner died between create and write
+            return content if time.time() - os.path.getmtime(path) > 5 else None
+        if info.get("host") == socket.gethostname():
+            try:
+                os.kill(int(info["pid"]), 0)
+                alive = True
+            except ProcessLookupError:
+                alive = False
+            except PermissionError:
+                alive = True
+            if not alive:
+                return content
+        return content if time.time() - float(info.get("t", 0)) > self.LOCK_STALE_S else None
+
+    @staticmethod
+    def _break_lock(path: str, stale: bytes) -> None:
+        # Rename away, then check we took the stale lock and not one a faster breaker just made.
+        grave = f"{path}.stale-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(path, grave)
+        except FileNotFoundError:
+            return
+        with open(grave, "rb") as f:
+            taken = f.read()
+        if taken != stale:
+            try:
+                os.link(grave, path)
+            except FileExistsError:
+                pass
+        os.remove(grave)

@@ -1,0 +1,118 @@
+"""Schemas and readers of the store's Parquet tables: registry, ground truth, captions."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from store.ids import check_name
+from store.store import Store
+
+REGISTRY = "videos.parquet"
+LEVELS = ("clip", "segment", "video")
+
+VIDEO_SCHEMA = pa.schema([
+    ("video_id", pa.string()), ("uri", pa.string()), ("content_id", pa.string()),
+    ("size_bytes", pa.int64()), ("duration_s", pa.float64()), ("fps", pa.float64()),
+    ("width", pa.int32()), ("height", pa.int32()), ("frames", pa.int64()),
+    ("codec", pa.string()), ("status", pa.string()), ("error", pa.string()),
+    ("ingested_at", pa.string()),
+])
+
+GROUNDTRUTH_SCHEMA = pa.schema([
+    ("video_id", pa.string()), ("split", pa.string()), ("level", pa.string()),
+    ("start_s", pa.float64()), ("end_s", pa.float64()), ("text", pa.string()),
+])
+
+CAPTION_SCHEMA = pa.schema([
+    ("video_id", pa.string()), ("level", pa.string()), ("start_s", pa.float64()),
+    ("end_s", pa.float64()), ("text", pa.string()), ("score", pa.float64()),
+    ("fingerprint", pa.string()),
+])
+
+
+def _check_level(level: str) -> str:
+    if level not in LEVELS:
+        raise ValueError(f"unknown caption level {level!r}; expected one of {', '.join(LEVELS)}")
+    return level
+
+
+# ---- registry ----------------------------------------------------------------
+
+def read_videos(store: Store, status: str | None = "ok") -> list[dict]:
+    """Registered videos (only readable ones by default), sorted by id."""
+    table = store.read_table(REGISTRY)
+    if table is None:
+        return []
+    if status is not None:
+        table = table.filter(pc.equal(table["status"], status))
+    return sorted(table.to_pylist(), key=lambda r: r["video_id"])
+
+
+def register_videos(store: Store, rows: list[dict]) -> dict[str, int]:
+    """Add or update registry rows by video_id; returns counts per outcome.
+
+    A row equal to the registered one is left alone; a changed row (the file
+    at that uri changed, or a failed probe now reads) replaces it, and its
+    downstream outputs are recomputed because their fingerprints include the
+    video's content id.
+    """
+    counts = {"added": 0, "updated": 0, "unchanged": 0}
+    if not rows:
+        return counts
+    for r in rows:
+        check_name(r["video_id"], "video id")
+    with store.lock("registry"):
+        current = {r["video_id"]: r for r in (store.read_table(REGISTRY) or VIDEO_SCHEMA.empty_table()).to_pylist()}
+        for row in rows:
+            row = {name: row.get(name) for name in VIDEO_SCHEMA.names}
+            old = current.get(row["video_id"])
+            same = old is not None and all(old[k] == row[k] for k in VIDEO_SCHEMA.names if k != "ingested_at")
+            counts["unchanged" if same else "updated" if old else "added"] += 1
+            if not same:
+                current[row["video_id"]] = row
+        ordered = [current[k] for k in sorted(current)]
+        store.write_table(REGISTRY, pa.Table.from_pylist(ordered, schema=VIDEO_SCHEMA))
+    return counts
+
+
+# ---- ground truth ------------------------------------------------------------
+
+def groundtruth_rel(level: str) -> str:
+    return f"groundtruth/{_check_level(level)}.parquet"
+
+
+def write_groundtruth(store: Store, level: str, table: pa.Table) -> int:
+    """Merge ground truth of one level: rows of the given videos replace theirs."""
+    table = table.select(GROUNDTRUTH_SCHEMA.names).cast(GROUNDTRUTH_SCHEMA)
+    with store.lock(f"groundtruth-{level}"):
+        old = store.read_table(groundtruth_rel(level))
+        if old is not None:
+            keep = pc.invert(pc.is_in(old["video_id"], value_set=pc.unique(table["video_id"])))
+            table = pa.concat_tables([old.filter(keep).cast(GROUNDTRUTH_SCHEMA), table])
+        table = table.sort_by([("video_id", "ascending"), ("start_s", "ascending")])
+        store.write_table(groundtruth_rel(level), table)
+    return table.num_rows
+
+
+def read_groundtruth(store: Store, level: str, split: str | None = None) -> pa.Table | None:
+    table = store.read_table(groundtruth_rel(level))
+    if table is not None and split is not None:
+        table = table.filter(pc.equal(table["split"], split))
+    return table
+
+
+# ---- captions ----------------------------------------------------------------
+
+def captions_dir(level: str, version: str) -> str:
+    return f"captions/{_check_level(level)}/{check_name(version, 'version')}"
+
+
+def captions_rel(level: str, version: str, video_id: str) -> str:
+    return f"{captions_dir(level, version)}/{check_name(video_id, 'video id')}.parquet"
+
+
+def read_captions(store: Store, level: str, version: str, video_id: str | None = None) -> pa.Table | None:
+    """Committed captions of one level and version (one video, or all)."""
+    rel = captions_rel(level, version, video_id) if video_id else captions_dir(level, version)
+    return store.read_table(rel)

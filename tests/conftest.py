@@ -1,0 +1,58 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from store import Store
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_video(path: Path, seconds: float = 3.0, fps: int = 10, size=(64, 48), codec="libx264") -> Path:
+    """A small real H.264 mp4: a moving bright square on a gradient, so frames differ."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w, h = size
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        for i in range(int(seconds * fps)):
+            img = np.zeros((h, w, 3), np.uint8)
+            img[..., 0] = np.linspace(0, 255, w, dtype=np.uint8)
+            x = (i * 3) % (w - 8)
+            img[h // 3: h // 3 + 8, x: x + 8] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+@pytest.fixture
+def store(tmp_path) -> Store:
+    return Store(tmp_path / "store")
+
+
+@pytest.fixture
+def bad_and_good_videos(tmp_path) -> Path:
+    """Two good videos next to a corrupt, a truncated, an empty and a non-video file."""
+    folder = tmp_path / "videos"
+    write_video(folder / "good_a.mp4", seconds=3)
+    write_video(folder / "good_b.mp4", seconds=5, size=(80, 60))
+    good = (folder / "good_a.mp4").read_bytes()
+    (folder / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 40)
+    (folder / "truncated.mp4").write_bytes(good[: len(good) // 3])
+    (folder / "empty.mp4").write_bytes(b"")
+    (folder / "notes.mp4").write_text("these are my notes, not a video\n")
+    return folder
+
+
+def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+    """Run `recap ...` in a fresh interpreter, as a user would."""
+    proc = subprocess.run([sys.executable, "-c", "from cli.main import main; main()", *args],
+                          capture_output=True, text=True, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"recap {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc

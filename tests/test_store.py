@@ -1,0 +1,167 @@
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from multiprocessing import get_context
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from store import CAPTION_SCHEMA, FeatureSet, Store, captions_rel, check_name, read_captions, video_id_for
+
+from conftest import REPO
+
+
+def caption_table(vid: str, n: int, fp: str) -> pa.Table:
+    return pa.Table.from_pylist([
+        {"video_id": vid, "level": "clip", "start_s": 4.0 * k, "end_s": 4.0 * k + 4, "text": f"#C C {fp} {k}",
+         "score": 0.0, "fingerprint": fp} for k in range(n)], schema=CAPTION_SCHEMA)
+
+
+def commit_captions(store: Store, vid: str, n: int, fp: str) -> bool:
+    rel = captions_rel("clip", "v1", vid)
+    return store.commit("captions", "v1", vid, fp, {rel: store.stage_table(rel, caption_table(vid, n, fp))})
+
+
+def test_commit_writes_marker_last_and_skips_same_fingerprint(store):
+    assert commit_captions(store, "vid", 3, "fpA")
+    marker = store.marker("captions", "v1", "vid")
+    assert marker["fingerprint"] == "fpA" and marker["outputs"] == ["captions/clip/v1/vid.parquet"]
+    assert not commit_captions(store, "vid", 3, "fpA")  # same fingerprint: the first commit stands
+    assert read_captions(store, "clip", "v1").num_rows == 3
+    assert not [n for n in os.listdir(store.abs("captions/clip/v1")) if n.startswith(".tmp")]
+
+
+def test_fingerprint_change_supersedes_and_never_mixes(store):
+    commit_captions(store, "vid", 3, "fpA")
+    assert commit_captions(store, "vid", 5, "fpB")
+    table = read_captions(store, "clip", "v1")
+    assert table.num_rows == 5 and set(table["fingerprint"].to_pylist()) == {"fpB"}
+    kept = store.read_table("superseded/fpA/captions/clip/v1/vid.parquet")
+    assert kept.num_rows == 3 and set(kept["fingerprint"].to_pylist()) == {"fpA"}
+
+
+def test_partial_output_without_marker_is_overwritten(store):
+    rel = captions_rel("clip", "v1", "vid")
+    store.write_table(rel, caption_table("vid", 7, "stale"))  # as if killed between rename and marker
+    assert not store.is_done("captions", "v1", "vid", "fpA")
+    assert commit_captions(store, "vid", 2, "fpA")
+    assert read_captions(store, "clip", "v1", "vid")["fingerprint"].to_pylist() == ["fpA", "fpA"]
+
+
+def test_sigkill_at_random_moments_loses_nothing_and_duplicates_nothing(tmp_path):
+    root, n_units = str(tmp_path / "store"), 40
+    cmd = [sys.executable, str(REPO / "tests" / "_commit_worker.py"), root, str(n_units)]
+    rng = random.Random(7)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    kills = 0
+    for _ in range(8):
+        proc = subprocess.Popen(cmd, env=env)
+        time.sleep(rng.uniform(0.3, 1.2))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    subprocess.run(cmd, env=env, check=True)
+    assert kills >= 1
+    store = Store(root)
+    table = read_captions(store, "clip", "v1")
+    counts = {}
+    for vid in table["video_id"].to_pylist():
+        counts[vid] = counts.get(vid, 0) + 1
+    assert counts == {f"video{i:03d}": 50 + i for i in range(n_units)}
+    for i in range(n_units):
+        assert store.is_done("captions", "v1", f"video{i:03d}", f"fp{i}")
+
+
+def _commit_same_unit(root, barrier, results):
+    store = Store(root)
+    rel = captions_rel("clip", "v1", "vid")
+    tmp = store.stage_table(rel, caption_table("vid", 4, "fpA"))
+    barrier.wait()
+    results.put(store.commit("captions", "v1", "vid", "fpA", {rel: tmp}))
+
+
+def test_concurrent_commit_of_one_unit_one_wins(tmp_path):
+    root = str(tmp_path / "store")
+    Store(root)
+    ctx = get_context("spawn")
+    for _ in range(3):
+        barrier, results = ctx.Barrier(4), ctx.Queue()
+        procs = [ctx.Process(target=_commit_same_unit, args=(root, barrier, results)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        outcomes = [results.get(timeout=5) for _ in procs]
+        store = Store(root)
+        assert outcomes.count(True) <= 1
+        assert read_captions(store, "clip", "v1").num_rows == 4
+        assert os.listdir(store.abs("captions/clip/v1")) == ["vid.parquet"]  # no temporaries left
+        store.remove("markers")
+        store.remove("captions")
+
+
+def test_stale_lock_of_killed_process_is_broken(store):
+    path = store.abs("locks/x.lock")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    proc.kill()
+    proc.wait()
+    with open(path, "w") as f:
+        f.write(f'{{"host": "{os.uname().nodename}", "pid": {proc.pid}, "t": {time.time()}}}')
+    with store.lock("x", timeout_s=5):
+        assert os.path.exists(path)
+    assert not os.path.exists(path)
+
+
+@pytest.mark.parametrize("bad", ["../../etc/passwd", "a/b", ".hidden", "", "x" * 300, "a..b", "con sole"])
+def test_unsafe_names_are_refused(store, bad):
+    with pytest.raises(ValueError):
+        check_name(bad)
+    with pytest.raises(ValueError):
+        captions_rel("clip", "v1", bad)
+
+
+@pytest.mark.parametrize("stem", ["../../etc/passwd", "my video (1)", ".hidden", "vidéo", "a/../../b", "..", ""])
+def test_video_ids_are_sanitised_inside_the_store(store, stem):
+    vid = video_id_for(stem, f"/data/{stem}.mp4")
+    assert check_name(vid) == vid
+    target = os.path.realpath(store.abs(FeatureSet(store, "f").rel(vid)))
+    assert target.startswith(os.path.realpath(store.path) + os.sep)
+
+
+def test_distinct_unsafe_names_get_distinct_ids():
+    assert video_id_for("a b", "/x/a b.mp4") != video_id_for("a?b", "/x/a?b.mp4")
+    assert video_id_for("9f1c-uuid_0") == "9f1c-uuid_0"
+
+
+def test_store_path_cannot_escape(store):
+    with pytest.raises(ValueError):
+        store.abs("captions/../../outside")
+
+
+def test_features_cls_read_does_not_touch_tokens(store):
+    fs = FeatureSet(store, "tiny-1")
+    n = 150
+    windows = np.stack([np.arange(n) * 4.0, np.arange(n) * 4.0 + 4], 1)
+    assert fs.create("vid", windows, dim=8, num_tokens=5, fingerprint="fp1", rows_per_chunk=64)
+    cls = np.random.default_rng(0).standard_normal((n, 8)).astype("float16")
+    fs.write("vid", 0, cls, np.zeros((n, 5, 8), "float16"))
+    store.remove("features/tiny-1/vid/tokens/c")  # token chunks gone: a CLS read must not need them
+    rows = np.linspace(0, n - 1, 80).astype(int)
+    np.testing.assert_array_equal(fs.read_cls("vid", rows), cls[rows])
+    np.testing.assert_array_equal(fs.windows("vid"), windows)
+    assert not fs.create("vid", windows, 8, 5, "fp1")  # same fingerprint: untouched
+    assert fs.create("vid", windows, 8, None, "fp2")  # changed: old group kept under superseded/
+    assert store.exists("superseded/fp1/features/tiny-1/vid/cls/zarr.json")
+    assert fs.info("vid")["fingerprint"] == "fp2"
+
+
+def test_fsspec_url_root(tmp_path):
+    store = Store(f"file://{tmp_path}/remote-like")
+    commit_captions(store, "vid", 2, "fpA")
+    assert read_captions(store, "clip", "v1").num_rows == 2
