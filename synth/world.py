@@ -1,0 +1,148 @@
+"""The event grammar: a session in a place is a sequence of activities; an
+activity is a sequence of 4-s actions on its objects."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from synth import captions
+from synth.presets import SPLITS, Preset
+
+PLACES = ("kitchen", "workshop", "garden", "studio", "garage")
+SHAPES = ("cube", "ball", "cone", "ring")
+COLOURS = ("red", "green", "blue", "yellow", "purple")
+
+
+@dataclass(frozen=True)
+class Thing:
+    shape: str
+    colour: str
+
+    def __str__(self) -> str:
+        return f"{self.colour} {self.shape}"
+
+
+@dataclass(frozen=True)
+class Action:
+    verb: str
+    thing: Thing  # as it looks when the action starts
+    new_colour: str | None = None  # what "paints" turns it into
+
+
+@dataclass(frozen=True)
+class Clip:
+    start_s: float
+    end_s: float
+    action: Action
+    caption: str
+
+
+@dataclass(frozen=True)
+class Activity:
+    name: str
+    # Verbs applied to each object in turn, cycling through the objects until
+    # the segment is full; "moves" becomes moves_left or moves_right.
+    step: tuple[str, ...]
+    same_shape: bool  # sorting: one shape in several colours; otherwise distinct shapes
+
+
+ACTIVITIES = {a.name: a for a in (
+    Activity("sorting", ("picks_up", "moves", "puts_down"), same_shape=True),
+    Activity("stacking", ("picks_up", "puts_down"), same_shape=False),
+    Activity("painting", ("paints", "turns"), same_shape=False),
+    Activity("washing", ("washes", "turns"), same_shape=False),
+    Activity("arranging", ("moves", "turns"), same_shape=False),
+)}
+
+
+@dataclass(frozen=True)
+class Segment:
+    start_s: float
+    end_s: float
+    activity: str
+    clips: tuple[Clip, ...]
+    description: str
+
+
+@dataclass(frozen=True)
+class Session:
+    vid: str
+    split: str
+    place: str
+    duration_s: float
+    clips: tuple[Clip, ...]  # tiling the whole video, the tail clip included
+    segments: tuple[Segment, ...]
+    summary: str
+    render_seed: int  # nuisance variation (object size, position, bubbles) for the renderer
+
+
+def plan_corpus(preset: Preset, seed: int) -> list[Session]:
+    splits = [split for split in SPLITS for _ in range(preset.videos_per_split()[split])]
+    rngs = np.random.default_rng(seed).spawn(len(splits))
+    return [plan_session(f"{preset.name}-{seed}-{i:03d}", split, preset, rng)
+            for i, (split, rng) in enumerate(zip(splits, rngs))]
+
+
+def plan_session(vid: str, split: str, preset: Preset, rng: np.random.Generator) -> Session:
+    place = str(rng.choice(PLACES))
+    n_segments = int(rng.integers(preset.activities_per_video[0], preset.activities_per_video[1] + 1))
+    names = _activity_sequence(n_segments, rng)
+    clips_per_segment = preset.segment_s // preset.clip_s
+    tail_clips = 1 if preset.tail_s else 0
+    duration = n_segments * preset.segment_s + preset.tail_s
+
+    clips: list[Clip] = []
+    segments: list[Segment] = []
+    for j, name in enumerate(names):
+        # The tail continues the last activity but belongs to no segment.
+        extra = tail_clips if j == n_segments - 1 else 0
+        actions = _activity_actions(ACTIVITIES[name], clips_per_segment + extra, preset, rng)
+        first = len(clips)
+        for action in actions:
+            start = float(len(clips) * preset.clip_s)
+            clips.append(Clip(start, min(start + preset.clip_s, duration), action,
+                              captions.clip_caption(action, rng)))
+        inside = tuple(clips[first:first + clips_per_segment])
+        description = captions.segment_description(name, [c.action for c in inside], rng)
+        segments.append(Segment(float(j * preset.segment_s), float((j + 1) * preset.segment_s),
+                                name, inside, description))
+    summary = captions.video_summary(place, [(s.activity, [c.action for c in s.clips]) for s in segments], rng)
+    return Session(vid, split, place, float(duration), tuple(clips), tuple(segments), summary,
+                   render_seed=int(rng.integers(2**31)))
+
+
+def _activity_sequence(n: int, rng: np.random.Generator) -> list[str]:
+    """Activities in order, never the same one twice in a row."""
+    names = list(ACTIVITIES)
+    sequence = [str(rng.choice(names))]
+    while len(sequence) < n:
+        sequence.append(str(rng.choice([a for a in names if a != sequence[-1]])))
+    return sequence
+
+
+def _activity_actions(activity: Activity, n: int, preset: Preset, rng: np.random.Generator) -> list[Action]:
+    things = _objects(activity, int(rng.integers(preset.objects_per_activity[0],
+                                                 preset.objects_per_activity[1] + 1)), rng)
+    actions = []
+    for k in range(n):
+        index = (k // len(activity.step)) % len(things)
+        thing = things[index]
+        verb = activity.step[k % len(activity.step)]
+        if verb == "moves":
+            verb = str(rng.choice(["moves_left", "moves_right"]))
+        if verb == "paints":
+            new_colour = str(rng.choice([c for c in COLOURS if c != thing.colour]))
+            actions.append(Action(verb, thing, new_colour))
+            things[index] = replace(thing, colour=new_colour)
+        else:
+            actions.append(Action(verb, thing))
+    return actions
+
+
+def _objects(activity: Activity, n: int, rng: np.random.Generator) -> list[Thing]:
+    if activity.same_shape:
+        shape = str(rng.choice(SHAPES))
+        return [Thing(shape, str(c)) for c in rng.choice(COLOURS, size=min(n, len(COLOURS)), replace=False)]
+    return [Thing(str(s), str(rng.choice(COLOURS))) for s in rng.choice(SHAPES, size=min(n, len(SHAPES)), replace=False)]

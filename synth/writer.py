@@ -1,0 +1,78 @@
+"""Writes a corpus to disk: H.264 files and the ground truth, both in the
+Ego4D-HCap layout (pickles and JSON per split) and as Parquet tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+from typing import Iterable
+
+import av
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from synth.presets import SPLITS
+from synth.world import Session
+
+GROUNDTRUTH_SCHEMA = pa.schema([
+    ("video_id", pa.string()), ("split", pa.string()), ("level", pa.string()),
+    ("start_s", pa.float64()), ("end_s", pa.float64()), ("text", pa.string()),
+])
+
+
+def write_mp4(path: Path, frames: Iterable[np.ndarray], width: int, height: int, fps: int, gop: int) -> None:
+    """Byte-for-byte reproducible: one encoder thread, fixed GOP, no B-frames,
+    no wall-clock metadata. Written under a temporary name, then renamed."""
+    partial = path.with_name(path.name + ".partial")
+    with av.open(str(partial), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps, options={
+            "preset": "veryfast", "crf": "18", "threads": "1", "bf": "0", "g": str(gop)})
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    os.replace(partial, path)
+
+
+def write_groundtruth(out: Path, sessions: list[Session]) -> None:
+    for split in SPLITS:
+        chosen = [s for s in sessions if s.split == split]
+        _atomic_write(out / f"clips_{split}.pkl", pickle.dumps(
+            [(s.vid, c.start_s, c.end_s, c.caption) for s in chosen for c in s.clips], protocol=5))
+        _atomic_write(out / f"segments_{split}.pkl", pickle.dumps([
+            {"vid": s.vid, "sid": j, "start_sec": g.start_s, "end_sec": g.end_s,
+             "captions_gt": [c.caption for c in g.clips], "segment_description": g.description}
+            for s in chosen for j, g in enumerate(s.segments)], protocol=5))
+        _atomic_write(out / f"videos_{split}.json", json.dumps([
+            {"vid": s.vid, "start_sec": 0.0, "end_sec": s.duration_s,
+             "segment_descriptions": [g.description for g in s.segments], "video_summary": s.summary}
+            for s in chosen], indent=1).encode())
+
+    levels = {
+        "clip": [(s, c.start_s, c.end_s, c.caption) for s in sessions for c in s.clips],
+        "segment": [(s, g.start_s, g.end_s, g.description) for s in sessions for g in s.segments],
+        "video": [(s, 0.0, s.duration_s, s.summary) for s in sessions],
+    }
+    (out / "groundtruth").mkdir(exist_ok=True)
+    for level, rows in levels.items():
+        table = pa.table({
+            "video_id": [s.vid for s, *_ in rows], "split": [s.split for s, *_ in rows],
+            "level": [level] * len(rows), "start_s": [r[1] for r in rows],
+            "end_s": [r[2] for r in rows], "text": [r[3] for r in rows],
+        }, schema=GROUNDTRUTH_SCHEMA)
+        partial = out / "groundtruth" / f"{level}.parquet.partial"
+        pq.write_table(table, partial)
+        os.replace(partial, out / "groundtruth" / f"{level}.parquet")
+
+
+def write_json(path: Path, obj) -> None:
+    _atomic_write(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(data)
+    os.replace(partial, path)

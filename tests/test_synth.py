@@ -1,0 +1,221 @@
+"""The synthetic corpus, checked on real files of the `tiny` preset."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import pickle
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import decord
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from synth import PRESETS, CorpusMismatch, Preset, generate
+from synth.captions import CLIP_TEMPLATES, SEGMENT_TEMPLATES, SUMMARY_PHRASES
+from synth.presets import SPLITS
+from synth.world import plan_corpus
+from synth.writer import GROUNDTRUTH_SCHEMA
+
+TINY = PRESETS["tiny"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("seed0")
+    generate("tiny", out, seed=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def twin(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("seed0-serial")
+    generate("tiny", out, seed=0, workers=1)  # also shows that parallel encoding changes no byte
+    return out
+
+
+def digests(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def load(corpus: Path, split: str):
+    clips = pickle.loads((corpus / f"clips_{split}.pkl").read_bytes())
+    segments = pickle.loads((corpus / f"segments_{split}.pkl").read_bytes())
+    videos = json.loads((corpus / f"videos_{split}.json").read_text())
+    return clips, segments, videos
+
+
+def test_same_seed_gives_identical_bytes(corpus, twin):
+    files = digests(corpus)
+    assert len([f for f in files if f.endswith(".mp4")]) == 6
+    assert files == digests(twin)
+
+
+def test_different_seed_gives_a_different_corpus(corpus, tmp_path):
+    generate("tiny", tmp_path, seed=1)
+    ours, theirs = digests(corpus), digests(tmp_path)
+    assert ours["groundtruth/clip.parquet"] != theirs["groundtruth/clip.parquet"]
+    videos = [{d for f, d in files.items() if f.endswith(".mp4")} for files in (ours, theirs)]
+    assert videos[0].isdisjoint(videos[1])
+
+
+def test_manifest(corpus):
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["seed"] == 0 and manifest["segment_s"] == TINY.segment_s
+    assert manifest["preset"]["name"] == "tiny" and manifest["generator_version"]
+    assert manifest["videos"] == TINY.videos_per_split()
+    for split in SPLITS:
+        clips, segments, videos = load(corpus, split)
+        assert (manifest["clips"][split], manifest["segments"][split], manifest["videos"][split]) == (
+            len(clips), len(segments), len(videos))
+
+
+def test_videos_decode_with_expected_frames_rate_and_size(corpus):
+    for split in SPLITS:
+        for video in load(corpus, split)[2]:
+            reader = decord.VideoReader(str(corpus / "videos" / f"{video['vid']}.mp4"))
+            assert len(reader) == video["end_sec"] * TINY.fps
+            assert reader.get_avg_fps() == TINY.fps
+            assert reader[0].shape == (TINY.height, TINY.width, 3)
+
+
+def test_every_clip_shows_motion_in_its_four_sampled_frames(corpus):
+    """Frames at the midpoints of a window's quarters all differ visibly."""
+    for clip_ in load(corpus, "test")[0]:
+        vid, start, end, _ = clip_
+        reader = decord.VideoReader(str(corpus / "videos" / f"{vid}.mp4"))
+        times = start + (np.arange(4) + 0.5) * (end - start) / 4
+        frames = reader.get_batch(list((times * TINY.fps).astype(int))).asnumpy().astype(int)
+        for a in range(4):
+            for b in range(a + 1, 4):
+                assert np.abs(frames[a] - frames[b]).mean() > 0.3, (clip_, a, b)
+
+
+def test_hcap_files_have_the_ego4d_hcap_fields(corpus):
+    for split in SPLITS:
+        clips, segments, videos = load(corpus, split)
+        assert clips and segments and videos
+        for vid, start, end, caption in clips:
+            assert isinstance(vid, str) and isinstance(start, float) and isinstance(end, float)
+            assert caption.startswith("#C C ")
+        for segment in segments:
+            assert list(segment) == ["vid", "sid", "start_sec", "end_sec", "captions_gt", "segment_description"]
+        for video in videos:
+            assert list(video) == ["vid", "start_sec", "end_sec", "segment_descriptions", "video_summary"]
+
+
+def test_parquet_tables_match_the_hcap_files(corpus):
+    expected = {"clip": set(), "segment": set(), "video": set()}
+    for split in SPLITS:
+        clips, segments, videos = load(corpus, split)
+        expected["clip"] |= {(vid, split, s, e, text) for vid, s, e, text in clips}
+        expected["segment"] |= {(g["vid"], split, g["start_sec"], g["end_sec"], g["segment_description"])
+                                for g in segments}
+        expected["video"] |= {(v["vid"], split, v["start_sec"], v["end_sec"], v["video_summary"]) for v in videos}
+    for level, rows in expected.items():
+        table = pq.read_table(corpus / "groundtruth" / f"{level}.parquet")
+        assert table.schema.remove_metadata() == GROUNDTRUTH_SCHEMA
+        assert set(table.column("level").to_pylist()) == {level}
+        found = {(r["video_id"], r["split"], r["start_s"], r["end_s"], r["text"]) for r in table.to_pylist()}
+        assert found == rows and table.num_rows == len(rows)
+
+
+def test_clip_windows_tile_each_video_and_the_last_is_clipped(corpus):
+    clipped = 0
+    for split in SPLITS:
+        clips, _, videos = load(corpus, split)
+        for video in videos:
+            windows = [(s, e) for vid, s, e, _ in clips if vid == video["vid"]]
+            duration = video["end_sec"]
+            assert windows == [(4.0 * k, min(4.0 * k + 4, duration)) for k in range(len(windows))]
+            assert windows[-1][1] == duration
+            clipped += windows[-1][1] - windows[-1][0] < 4
+    assert clipped  # the tiny preset's tail makes every last window short
+
+
+def test_segment_captions_are_the_clip_captions_inside_its_window(corpus):
+    for split in SPLITS:
+        clips, segments, videos = load(corpus, split)
+        for segment in segments:
+            inside = [c for vid, s, e, c in clips
+                      if vid == segment["vid"] and s >= segment["start_sec"] and e <= segment["end_sec"]]
+            assert segment["captions_gt"] == inside
+            assert segment["end_sec"] - segment["start_sec"] == TINY.segment_s
+        for video in videos:
+            assert video["segment_descriptions"] == [
+                g["segment_description"] for g in segments if g["vid"] == video["vid"]]
+
+
+def test_summary_names_the_activities_in_order(corpus):
+    summaries = {v["vid"]: v["video_summary"] for split in SPLITS for v in load(corpus, split)[2]}
+    verbs = {name: phrase.split()[0] for name, phrase in SUMMARY_PHRASES.items()}
+    for session in plan_corpus(TINY, seed=0):
+        summary = summaries[session.vid]
+        assert session.place in summary
+        position = 0
+        for segment in session.segments:
+            position = summary.find(f" {verbs[segment.activity]} ", position) + 1
+            assert position, (segment.activity, summary)
+
+
+def test_paraphrases_vary_at_every_level():
+    sessions = plan_corpus(PRESETS["demo"], seed=0)
+    used: dict[str, set[str]] = {}
+    for clip in (c for s in sessions for c in s.clips):
+        a = clip.action
+        template = clip.caption.replace(str(a.thing), "{thing}")
+        if a.new_colour:
+            template = re.sub(rf"\b{a.new_colour}\b", "{colour}", template)
+        assert template in CLIP_TEMPLATES[a.verb]
+        used.setdefault(a.verb, set()).add(template)
+    assert used.keys() == CLIP_TEMPLATES.keys()
+    assert all(len(templates) > 1 for templates in used.values())
+    segments = [g for s in sessions for g in s.segments]
+    for activity, templates in SEGMENT_TEMPLATES.items():
+        openings = {g.description.split(" the ")[0] for g in segments if g.activity == activity}
+        assert len(openings) > 1, activity
+    assert len({s.summary.split(" ")[0] for s in sessions}) > 1
+
+
+def test_rerun_of_the_same_corpus_is_a_no_op(corpus):
+    before = {p: p.stat().st_mtime_ns for p in corpus.rglob("*")}
+    assert generate("tiny", corpus, seed=0).complete
+    assert {p: p.stat().st_mtime_ns for p in corpus.rglob("*")} == before
+
+
+def test_interrupted_run_is_redone(corpus, tmp_path):
+    generate("tiny", tmp_path, seed=0)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    next((tmp_path / "videos").iterdir()).write_bytes(b"truncated")
+    generate("tiny", tmp_path, seed=0)
+    assert digests(tmp_path) == digests(corpus)
+
+
+def test_refuses_a_directory_holding_something_else(corpus, tmp_path):
+    with pytest.raises(CorpusMismatch, match="different corpus"):
+        generate("tiny", corpus, seed=1)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(CorpusMismatch, match="holds no synthetic corpus"):
+        generate("tiny", tmp_path, seed=0)
+
+
+def test_cli_reports_a_foreign_directory_in_one_line(corpus):
+    result = subprocess.run([sys.executable, "-m", "synth", "--preset", "tiny", "--out", str(corpus),
+                             "--seed", "7"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "different corpus" in result.stderr
+
+
+def test_presets_reject_inconsistent_sizes():
+    with pytest.raises(ValueError, match="multiple of clip_s"):
+        dataclasses.replace(TINY, segment_s=30)
+    with pytest.raises(ValueError, match="tail_s"):
+        dataclasses.replace(TINY, tail_s=4.0)
+    assert isinstance(PRESETS["hour"], Preset) and PRESETS["hour"].segment_s == 180
