@@ -27,12 +27,16 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _open(store: str | None, config: Path | None):
+def _load(store: str | None, config: Path | None, **overrides):
     try:
-        cfg = load_config(config, store=store)
-        return cfg, Store(cfg.store)
+        return load_config(config, store=store, **overrides)
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
+
+
+def _open(store: str | None, config: Path | None):
+    cfg = _load(store, config)
+    return cfg, Store(cfg.store)
 
 
 def _exit_for(*summaries: Summary) -> None:
@@ -79,6 +83,45 @@ def ingest(sources: Annotated[list[str], typer.Argument(help="Folders, list file
     except FileNotFoundError as e:
         _fail(str(e))
     _exit_for(summary)
+
+
+RetryOpt = Annotated[bool, typer.Option("--retry-failed", help="Retry units that failed before")]
+WorkersOpt = Annotated[Optional[int], typer.Option(help="Ray workers [default: one per CPU]")]
+AddressOpt = Annotated[Optional[str], typer.Option(help="Ray cluster address [default: RAY_ADDRESS or local]")]
+LocalOpt = Annotated[bool, typer.Option("--local", help="Run in this process instead of on Ray (debugging)")]
+
+
+def _run(stage_cls, cfg, st: Store, retry_failed: bool, local: bool):
+    from pipeline.runner import run_stage
+
+    try:
+        stage = stage_cls(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    summary = run_stage(stage, st, executor="local" if local else cfg.run.executor, workers=cfg.run.workers,
+                        address=cfg.run.address or None, retry_failed=retry_failed, max_retries=cfg.run.max_retries)
+    _exit_for(summary)
+
+
+@app.command()
+def features(store: StoreOpt = None, config: ConfigOpt = None,
+             encoder: Annotated[Optional[str], typer.Option(help="tsf-base | tsf-tiny | videoprism | "
+                                                            "videoprism-tiny")] = None,
+             checkpoint: Annotated[Optional[str], typer.Option(help="LaViLa .pth or VideoPrism folder")] = None,
+             tokens: Annotated[Optional[bool], typer.Option("--tokens/--no-tokens",
+                                                           help="Store all tokens per window")] = None,
+             batch_size: Annotated[Optional[int], typer.Option(help="Windows per encoder call")] = None,
+             device: Annotated[Optional[str], typer.Option(help="cpu | cuda")] = None,
+             workers: WorkersOpt = None, address: AddressOpt = None, retry_failed: RetryOpt = False,
+             local: LocalOpt = False):
+    """Per 4-s window CLS (and tokens) of every registered video, into Zarr."""
+    from stages.features import FeaturesStage
+
+    feats = {"encoder": encoder, "checkpoint": checkpoint, "tokens": tokens, "batch_size": batch_size,
+             "device": device}
+    cfg = _load(store, config, features={k: v for k, v in feats.items() if v is not None},
+                run={k: v for k, v in {"workers": workers, "address": address}.items() if v is not None})
+    _run(lambda c: FeaturesStage(c.features, c.windows), cfg, Store(cfg.store), retry_failed, local)
 
 
 @app.command()

@@ -71,6 +71,46 @@ class VideoEncoder:
         return cls.float(), tokens.float()
 
 
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What an encoder consumes and produces, known without loading its weights."""
+
+    num_frames: int
+    image_size: int
+    dim: int
+    num_tokens: int  # per window, CLS included
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def _timesformer_config(name: str) -> TimeSformerConfig:
+    return TimeSformerConfig.base() if name == "tsf-base" else TimeSformerConfig.tiny()
+
+
+def _videoprism_config(name: str, checkpoint: str | Path | None) -> VideoPrismVisionConfig:
+    if checkpoint:
+        if not Path(checkpoint).is_dir():
+            raise FileNotFoundError(f"{checkpoint}: not a VideoPrism model folder (config.json + weights)")
+        return VideoPrismVisionConfig.from_pretrained(checkpoint, local_files_only=True)
+    return VideoPrismVisionConfig() if name == "videoprism" else videoprism.tiny_config()
+
+
+def describe_encoder(name: str, checkpoint: str | Path | None = None) -> EncoderSpec:
+    """Shapes and pixel statistics of an encoder, from its config alone (cheap: for planning)."""
+    if name in ("tsf-base", "tsf-tiny"):
+        c = _timesformer_config(name)
+        return EncoderSpec(c.num_frames, c.img_size, c.embed_dim, 1 + c.num_frames * c.num_patches,
+                           LAVILA_MEAN, LAVILA_STD)
+    if name in ("videoprism", "videoprism-tiny"):
+        c = _videoprism_config(name, checkpoint)
+        if not isinstance(c.image_size, int):
+            raise ValueError(f"{name}: only square inputs are supported, config has image_size={c.image_size}")
+        _, patch_h, patch_w = c.tubelet_size
+        tokens = 1 + c.num_frames * (c.image_size // patch_h) * (c.image_size // patch_w)
+        return EncoderSpec(c.num_frames, c.image_size, c.hidden_size, tokens, videoprism.MEAN, videoprism.STD)
+    raise ValueError(f"unknown encoder {name!r}; choose from {', '.join(ENCODERS)}")
+
+
 def build_encoder(
     name: str,
     checkpoint: str | Path | None = None,
@@ -80,49 +120,25 @@ def build_encoder(
 ) -> VideoEncoder:
     """`tsf-*`: a LaViLa or Video ReCap clip `.pth` checkpoint, loaded strictly at the named size.
     `videoprism*`: a local `save_pretrained` folder, whose own config decides the size."""
-    if name in ("tsf-base", "tsf-tiny"):
-        config = TimeSformerConfig.base() if name == "tsf-base" else TimeSformerConfig.tiny()
+    spec = describe_encoder(name, checkpoint)
+    if name.startswith("tsf-"):
+        config = _timesformer_config(name)
         model = TimeSformer.from_lavila(checkpoint, config) if checkpoint else _seeded(seed, TimeSformer, config)
-        spec = dict(
-            features=_timesformer_features,
-            num_frames=config.num_frames,
-            image_size=config.img_size,
-            dim=config.embed_dim,
-            num_tokens=1 + config.num_frames * config.num_patches,
-            mean=LAVILA_MEAN,
-            std=LAVILA_STD,
-        )
-    elif name in ("videoprism", "videoprism-tiny"):
-        if checkpoint:
-            model = videoprism.load(checkpoint)
-        else:
-            config = VideoPrismVisionConfig() if name == "videoprism" else videoprism.tiny_config()
-            model = _seeded(seed, VideoPrismVisionModel, config)
-        config = model.config
-        if not isinstance(config.image_size, int):
-            raise ValueError(f"{name}: only square inputs are supported, config has image_size={config.image_size}")
-        _, patch_h, patch_w = config.tubelet_size
-        spec = dict(
-            features=videoprism.window_features,
-            num_frames=config.num_frames,
-            image_size=config.image_size,
-            dim=config.hidden_size,
-            num_tokens=1 + config.num_frames * (config.image_size // patch_h) * (config.image_size // patch_w),
-            mean=videoprism.MEAN,
-            std=videoprism.STD,
-        )
+        features = _timesformer_features
     else:
-        raise ValueError(f"unknown encoder {name!r}; choose from {', '.join(ENCODERS)}")
-
+        model = (videoprism.load(checkpoint) if checkpoint
+                 else _seeded(seed, VideoPrismVisionModel, _videoprism_config(name, None)))
+        features = videoprism.window_features
     digest = weights_digest(model)
     device = torch.device(device)
     return VideoEncoder(
         name=name,
         model=model.to(device).eval().requires_grad_(False),
+        features=features,
         weights_id=digest if checkpoint else f"random-seed{seed}-{digest}",
         device=device,
         autocast=autocast,
-        **spec,
+        **vars(spec),
     )
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pipeline.config import Config
 from stages.base import Stage
+from stages.features import FeaturesStage
 
 
 def build_stages(config: Config) -> list[Stage]:
-    return []
+    return [FeaturesStage(config.features, config.windows)]

@@ -31,7 +31,7 @@ def todo_units(stage: Stage, store: Store, retry_failed: bool = False):
     return todo, done, failed, blocked
 
 
-def run_stage(stage: Stage, store: Store, *, executor: str = "ray", workers: int = 0,
+def run_stage(stage: Stage, store: Store, *, executor: str = "ray", workers: int = 0, address: str | None = None,
               retry_failed: bool = False, max_retries: int = 2, progress_every_s: float = 2.0,
               stream=sys.stderr) -> Summary:
     start = time.monotonic()
@@ -45,7 +45,7 @@ def run_stage(stage: Stage, store: Store, *, executor: str = "ray", workers: int
         stage.prepare(store, todo)
         progress = Progress(stage.name, len(todo), sum(u.work for u in todo), stage.work_name, stream,
                             progress_every_s)
-        results = (_run_ray(stage, store, todo, workers, max_retries) if executor == "ray"
+        results = (_run_ray(stage, store, todo, workers, max_retries, address) if executor == "ray"
                    else _run_local(stage, store, todo))
         for unit, error in results:
             if error is None:
@@ -74,12 +74,12 @@ def _run_local(stage: Stage, store: Store, units: list[Unit]):
             yield unit, e
 
 
-def _run_ray(stage: Stage, store: Store, units: list[Unit], workers: int, max_retries: int):
+def _run_ray(stage: Stage, store: Store, units: list[Unit], workers: int, max_retries: int, address: str | None):
     import ray
 
     from pipeline.ray_pool import StageWorker, ensure_ray
 
-    ensure_ray()
+    ensure_ray(address)  # only now: a run with nothing to do never starts Ray
     res = stage.resources
     if workers <= 0:
         cpus = ray.cluster_resources().get("CPU", 1)

@@ -72,10 +72,12 @@ class FeatureSet:
 
     def write(self, video_id: str, start: int, cls: np.ndarray, tokens: np.ndarray | None = None) -> None:
         """Write rows [start, start + len(cls)) of a created video."""
-        stop = start + len(cls)
-        self._array(video_id, "cls", "r+")[start:stop] = np.asarray(cls, dtype="float16")
+        self._array(video_id, "cls", "r+")[start:start + len(cls)] = np.asarray(cls, dtype="float16")
         if tokens is not None:
-            self._array(video_id, "tokens", "r+")[start:stop] = np.asarray(tokens, dtype="float16")
+            self.write_tokens(video_id, start, tokens)
+
+    def write_tokens(self, video_id: str, start: int, tokens: np.ndarray) -> None:
+        self._array(video_id, "tokens", "r+")[start:start + len(tokens)] = np.asarray(tokens, dtype="float16")
 
     def windows(self, video_id: str) -> np.ndarray:
         return self._array(video_id, "windows")[:]

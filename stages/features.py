@@ -1,0 +1,144 @@
+"""Features: per 4-s window CLS (and optionally all tokens) of a frozen video encoder, into Zarr.
+
+A unit is a chunk of one video's windows, aligned to the CLS array's Zarr
+chunks, so an hour-long video spreads over the cluster and each chunk commits
+on its own. Decoding the next batch overlaps encoding the current one.
+"""
+
+from __future__ import annotations
+
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import decord
+import numpy as np
+import torch
+
+from models.encoders import build_encoder, describe_encoder
+from stages.base import Resources, Stage, Unit
+from stages.decode import WindowReader, window_times
+from store import FeatureSet, Store, file_digest, fingerprint, read_videos
+
+
+class FeaturesStage(Stage):
+    name = "features"
+    work_name = "windows"
+
+    def __init__(self, features, windows):
+        """`features`: pipeline FeaturesConfig; `windows`: WindowConfig."""
+        if features.chunk_windows % features.rows_per_chunk:
+            raise ValueError(f"features.chunk_windows ({features.chunk_windows}) must be a multiple of "
+                             f"features.rows_per_chunk ({features.rows_per_chunk})")
+        self.cfg, self.clip_s = features, windows.clip_s
+        self.spec = describe_encoder(features.encoder, features.checkpoint or None)
+        gpu = features.device.startswith("cuda")
+        self.resources = Resources(cpus=1.0, gpus=1.0 if gpu else 0.0, memory_gb=2.0)
+        self.encoder = None
+        self._version = None
+
+    def version(self) -> str:
+        if self._version is None:
+            weights = (file_digest(*_fs_path(self.cfg.checkpoint)) if self.cfg.checkpoint else "random-seed0")
+            params = {"encoder": self.cfg.encoder, "weights": weights, "clip_s": self.clip_s,
+                      "tokens": self.cfg.tokens, "spec": vars(self.spec)}
+            self._version = f"{self.cfg.encoder}-{fingerprint(params, length=8)}"
+        return self._version
+
+    @property
+    def output_dir(self) -> str:
+        return f"features/{self.version()}"
+
+    def feature_set(self, store: Store) -> FeatureSet:
+        return FeatureSet(store, self.version())
+
+    def plan(self, store: Store) -> list[Unit]:
+        units = []
+        for video in read_videos(store):
+            n = len(window_times(video["duration_s"], self.clip_s))
+            for start in range(0, n, self.cfg.chunk_windows):
+                stop = min(start + self.cfg.chunk_windows, n)
+                units.append(Unit(
+                    id=f"{video['video_id']}@{start:06d}", video_id=video["video_id"],
+                    fingerprint=fingerprint(self.version(), video["content_id"], start, stop),
+                    work=stop - start,
+                    payload={"uri": video["uri"], "duration_s": video["duration_s"], "start": start, "stop": stop,
+                             "content_id": video["content_id"]}))
+        return units
+
+    def prepare(self, store: Store, units: list[Unit]) -> None:
+        """Create each video's arrays once, on the driver, before its chunks run anywhere."""
+        fs = self.feature_set(store)
+        for unit in {u.video_id: u for u in units}.values():
+            windows = window_times(unit.payload["duration_s"], self.clip_s)
+            fs.create(unit.video_id, windows, self.spec.dim, self.spec.num_tokens if self.cfg.tokens else None,
+                      fingerprint=fingerprint(self.version(), unit.payload["content_id"]),
+                      attrs={"encoder": self.cfg.encoder, "clip_s": self.clip_s, "uri": unit.payload["uri"]},
+                      rows_per_chunk=self.cfg.rows_per_chunk)
+
+    def setup(self) -> None:
+        self.encoder = build_encoder(self.cfg.encoder, self.cfg.checkpoint or None, self.cfg.device)
+
+    def process(self, unit: Unit, store: Store) -> dict:
+        if self.encoder is None:
+            self.setup()
+        uri = unit.payload["uri"]
+        windows = window_times(unit.payload["duration_s"], self.clip_s)
+        try:
+            return self._encode_chunk(unit, store, windows)
+        except (FileNotFoundError, ValueError) as e:
+            raise ValueError(f"{uri}: {e}" if uri not in str(e) else str(e)) from None
+        except decord.DECORDError as e:  # a C++ trace: keep its last line
+            raise ValueError(f"{uri}: cannot decode ({_last_line(e)})") from None
+
+    def _encode_chunk(self, unit: Unit, store: Store, windows: np.ndarray) -> dict:
+        p = unit.payload
+        fs = self.feature_set(store)
+        reader = WindowReader(_local_path(p["uri"]), self.spec.image_size, self.spec.num_frames, windows,
+                              self.cfg.decode_threads)
+        batches = [(s, min(s + self.cfg.batch_size, p["stop"])) for s in range(p["start"], p["stop"],
+                                                                                  self.cfg.batch_size)]
+        cls = np.empty((p["stop"] - p["start"], self.spec.dim), np.float16)
+        with ThreadPoolExecutor(max_workers=1) as decoder:
+            pending = decoder.submit(reader.read, *batches[0])
+            for i, (start, stop) in enumerate(batches):
+                frames = pending.result()
+                if i + 1 < len(batches):
+                    pending = decoder.submit(reader.read, *batches[i + 1])
+                batch_cls, tokens = self.encoder.encode(torch.from_numpy(frames))
+                cls[start - p["start"]:stop - p["start"]] = batch_cls.cpu().numpy()
+                if self.cfg.tokens:
+                    fs.write_tokens(unit.video_id, start, tokens.cpu().numpy())
+        fs.write(unit.video_id, p["start"], cls)
+        stats = {"windows": p["stop"] - p["start"]}
+        store.commit(self.name, self.version(), unit.id, unit.fingerprint, {fs.rel(unit.video_id): None}, stats)
+        return stats
+
+    def complete_videos(self, store: Store) -> set[str]:
+        """Videos whose every chunk is committed with the current fingerprint."""
+        markers = store.markers(self.name, self.version())
+        by_video: dict[str, bool] = {}
+        for unit in self.plan(store):
+            done = markers.get(unit.id, {}).get("fingerprint") == unit.fingerprint
+            by_video[unit.video_id] = by_video.get(unit.video_id, True) and done
+        return {v for v, done in by_video.items() if done}
+
+
+def _fs_path(uri: str):
+    import fsspec
+
+    return fsspec.core.url_to_fs(uri)
+
+
+def _local_path(uri: str) -> str:
+    """decord reads local files; remote videos must be on a shared filesystem or mounted."""
+    fs, path = _fs_path(uri)
+    if "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        raise ValueError(f"{uri}: decoding reads local or mounted paths; mount the bucket or copy the video")
+    return path
+
+
+def _last_line(e: BaseException) -> str:
+    """decord messages are C++ traces; their last line says what went wrong."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    last = re.sub(r"^\[[\d:]+\] \S+: (Check failed: )?", "", lines[-1]) if lines else type(e).__name__
+    return last[:200]
