@@ -98,8 +98,12 @@ def _run(stage_cls, cfg, st: Store, retry_failed: bool, local: bool):
         stage = stage_cls(cfg)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
-    summary = run_stage(stage, st, executor="local" if local else cfg.run.executor, workers=cfg.run.workers,
-                        address=cfg.run.address or None, retry_failed=retry_failed, max_retries=cfg.run.max_retries)
+    try:
+        summary = run_stage(stage, st, executor="local" if local else cfg.run.executor, workers=cfg.run.workers,
+                            address=cfg.run.address or None, retry_failed=retry_failed,
+                            max_retries=cfg.run.max_retries)
+    except (ValueError, FileNotFoundError) as e:  # the stage's check(): bad checkpoint, config
+        _fail(str(e))
     _exit_for(summary)
 
 

@@ -42,6 +42,7 @@ def run_stage(stage: Stage, store: Store, *, executor: str = "ray", workers: int
         print(f"[{stage.name}] {record['unit']}: failed before ({record['message']}); "
               f"--retry-failed to try again", file=stream)
     if todo:
+        stage.check()
         stage.prepare(store, todo)
         progress = Progress(stage.name, len(todo), sum(u.work for u in todo), stage.work_name, stream,
                             progress_every_s)

@@ -62,6 +62,9 @@ class Stage:
     def plan(self, store: Store) -> list[Unit | Blocked]:
         raise NotImplementedError
 
+    def check(self) -> None:
+        """Driver-side validation before any work (e.g. the checkpoint matches the model); raise ValueError."""
+
     def prepare(self, store: Store, units: list[Unit]) -> None:
         """Driver-side set-up before any unit of this run starts (e.g. create arrays)."""
 

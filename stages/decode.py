@@ -11,6 +11,7 @@ so, then centre-cropped.
 from __future__ import annotations
 
 import math
+import os
 
 import av
 import decord
@@ -51,9 +52,14 @@ class WindowReader:
 
     def __init__(self, path: str, size: int, frames_per_window: int, windows: np.ndarray, threads: int = 1):
         self.path, self.size, self.windows = path, size, windows
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: file not found")
+        try:
+            probe = decord.VideoReader(path, num_threads=1)
+            height, width = probe[0].shape[:2]
+        except Exception as e:  # decord reports open failures as bare RuntimeError / DECORDError
+            raise ValueError(f"{path}: not a readable video ({type(e).__name__})") from None
         self.rotation = stream_rotation(path)
-        probe = decord.VideoReader(path, num_threads=1)
-        height, width = probe[0].shape[:2]
         self.num_frames = len(probe)
         del probe
         scale = size / min(height, width)

@@ -65,6 +65,11 @@ class FeaturesStage(Stage):
                              "content_id": video["content_id"]}))
         return units
 
+    def check(self) -> None:
+        """A checkpoint that does not fit the encoder fails here once, naming the keys, not in every worker."""
+        if self.cfg.checkpoint:
+            build_encoder(self.cfg.encoder, self.cfg.checkpoint, "cpu")
+
     def prepare(self, store: Store, units: list[Unit]) -> None:
         """Create each video's arrays once, on the driver, before its chunks run anywhere."""
         fs = self.feature_set(store)

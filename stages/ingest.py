@@ -48,11 +48,12 @@ def probe_video(uri: str) -> dict:
     try:
         height, width = reader[0].shape[:2]
         reader[frames - 1]
+        end_s = float(reader.get_frame_timestamp([frames - 1])[0, 1])  # right for variable frame rate too
     except Exception as e:
         raise BadVideo(f"{uri}: truncated or corrupt, cannot decode all {frames} frames ({_first_line(e)})") from None
     return {
         "video_id": video_id_for(Path(path).stem, uri), "uri": uri, "content_id": file_digest(fs, path),
-        "size_bytes": size, "duration_s": frames / fps, "fps": fps, "width": int(width),
+        "size_bytes": size, "duration_s": end_s if end_s > 0 else frames / fps, "fps": fps, "width": int(width),
         "height": int(height), "frames": frames, "codec": _codec_name(local), "status": "ok",
         "error": None, "ingested_at": now_iso(),
     }

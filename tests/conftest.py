@@ -17,7 +17,8 @@ def write_video(path: Path, seconds: float = 3.0, fps: int = 10, size=(64, 48), 
     w, h = size
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=fps)
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        odd = w % 2 or h % 2  # 4:2:0 needs even sizes; odd-sized videos in the wild are 4:4:4
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv444p" if odd else "yuv420p"
         for i in range(int(seconds * fps)):
             img = np.zeros((h, w, 3), np.uint8)
             img[..., 0] = np.linspace(0, 255, w, dtype=np.uint8)

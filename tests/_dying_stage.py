@@ -1,0 +1,28 @@
+"""A stage whose worker process dies on the first attempt at each unit (for the Ray retry test)."""
+
+import os
+from pathlib import Path
+
+from stages.base import Resources, Stage, Unit
+
+
+class DiesOnceStage(Stage):
+    name = "dies-once"
+    resources = Resources(cpus=0.5, memory_gb=0)
+
+    def __init__(self, scratch: str, n: int):
+        self.scratch, self.n = Path(scratch), n
+
+    def version(self) -> str:
+        return "v1"
+
+    def plan(self, store):
+        return [Unit(id=f"u{i}", video_id=f"u{i}", fingerprint="fp") for i in range(self.n)]
+
+    def process(self, unit, store):
+        attempt = self.scratch / f"{unit.id}.attempted"
+        if not attempt.exists():
+            attempt.touch()
+            os._exit(1)  # the worker process dies mid-task
+        store.commit(self.name, "v1", unit.id, "fp", {}, {"pid": os.getpid()})
+        return {}
