@@ -56,9 +56,11 @@ def synth(preset: Annotated[str, typer.Option(help="tiny | demo | hour")] = "tin
 
     try:
         manifest = synth_pkg.generate(preset, out, seed=seed)
-    except (ValueError, FileExistsError) as e:
+    except (ValueError, KeyError, synth_pkg.CorpusMismatch) as e:
         _fail(str(e))
-    typer.echo(f"wrote {out} ({manifest})")
+    counts = ", ".join(f"{split}: {manifest.videos[split]} videos / {manifest.segments[split]} segments / "
+                       f"{manifest.clips[split]} clips" for split in manifest.videos)
+    typer.echo(f"{out}: preset {preset}, seed {seed}; {counts}")
 
 
 @app.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -139,19 +141,14 @@ def status(store: StoreOpt = None, config: ConfigOpt = None):
 
 
 @app.command()
-def demo(store: StoreOpt = None,
+def demo(store: Annotated[str, typer.Option("--store", "-s", help="Store root for the demo")] = "recap-store/demo",
          data: Annotated[Path, typer.Option(help="Where the demo corpus is generated")] = Path("data/demo"),
          preset: Annotated[str, typer.Option(help="Corpus preset")] = "demo",
          seed: int = 0):
-    """The main job on the embedded synthetic corpus: generate, ingest, then every stage, then status."""
-    import synth as synth_pkg
+    """The main job on the embedded synthetic corpus: generate, ingest, every stage, status."""
+    from pipeline.demo import run_demo
 
-    cfg, st = _open(store or "recap-store/demo", None)
-    synth_pkg.generate(preset, data, seed=seed)
-    summary = ingest_hcap(st, str(data), str(data / "videos"))
-    typer.echo(f"store: {st.root}")
-    typer.echo(format_status(status_rows(st, [])))
-    _exit_for(summary)
+    _exit_for(*run_demo(store, data, preset, seed))
 
 
 def main() -> None:

@@ -8,7 +8,10 @@ from store import LEVELS, Store, read_groundtruth, read_videos
 
 
 def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
 
 
 def status_rows(store: Store, stages: list[Stage]) -> list[dict]:

@@ -57,3 +57,13 @@ def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
     if check and proc.returncode != 0:
         raise AssertionError(f"recap {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    """The synthetic `tiny` corpus, generated once per test session."""
+    import synth
+
+    out = tmp_path_factory.mktemp("corpus") / "tiny"
+    synth.generate("tiny", out, seed=0)
+    return out

@@ -1,0 +1,54 @@
+import os
+import pickle
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.ingest import ingest_hcap
+from stages.ingest import read_hcap
+from store import read_groundtruth, read_videos
+
+from conftest import run_cli
+
+
+def _rows(table):
+    return sorted(table.to_pylist(), key=lambda r: (r["video_id"], r["start_s"], r["text"]))
+
+
+def test_hcap_round_trip_through_the_store(store, tiny_corpus):
+    summary = ingest_hcap(store, str(tiny_corpus), str(tiny_corpus / "videos"))
+    assert (summary.done, summary.failed) == (6, 0)
+    assert [v["video_id"] for v in read_videos(store)] == sorted(p.stem for p in (tiny_corpus / "videos").iterdir())
+    for level in ("clip", "segment", "video"):
+        expected = pq.read_table(tiny_corpus / "groundtruth" / f"{level}.parquet")
+        assert _rows(read_groundtruth(store, level)) == _rows(expected), level
+    assert {r["split"] for r in _rows(read_groundtruth(store, "video"))} == {"train", "val", "test"}
+
+
+def test_hcap_ingest_is_idempotent_and_reports_missing_videos(store, tiny_corpus, tmp_path):
+    ingest_hcap(store, str(tiny_corpus), str(tiny_corpus / "videos"))
+    before = read_groundtruth(store, "clip").num_rows
+    again = ingest_hcap(store, str(tiny_corpus), str(tiny_corpus / "videos"))
+    assert (again.done, again.skipped) == (0, 6) and read_groundtruth(store, "clip").num_rows == before
+
+    other = tmp_path / "store2"
+    proc = run_cli("ingest", "ego4d-hcap", str(tiny_corpus), "--videos", str(tmp_path / "nowhere"), "--store",
+                   str(other))
+    assert proc.returncode == 1 and "file not found" in proc.stderr  # ground truth kept, videos reported
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_metadata_pickles_are_never_trusted(tmp_path):
+    with open(tmp_path / "clips_train.pkl", "wb") as f:
+        pickle.dump([("v", 0.0, 4.0, Exploit())], f)
+    with pytest.raises(pickle.UnpicklingError, match="refusing to unpickle"):
+        read_hcap(tmp_path)
+
+
+def test_missing_metadata_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no Ego4D-HCap metadata"):
+        read_hcap(tmp_path)
