@@ -4,8 +4,9 @@ Windows are [4k, 4k+4) from t = 0, the last one clipped to the duration; a
 video shorter than one window still gets one. Each window samples its frames
 at the midpoints of equal parts, mapped to frames through the stream's real
 timestamps (so variable frame rate is handled). Frames are scaled by the
-decoder itself to a short side of `size`, rotated upright if the stream says
-so, then centre-cropped.
+decoder itself to a short side of `size`, then centre-cropped. decord applies
+a stream's display rotation (phone videos) itself and takes the output size in
+display orientation, so rotated videos come out upright.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import math
 import os
 
-import av
 import decord
 import numpy as np
 
@@ -37,16 +37,6 @@ def frame_indices(times: np.ndarray, frame_starts: np.ndarray) -> np.ndarray:
     return np.clip(idx, 0, len(frame_starts) - 1)
 
 
-def stream_rotation(path: str) -> int:
-    """Display rotation of the first video stream in degrees counter-clockwise (0, 90, 180, 270)."""
-    try:
-        with av.open(path) as container:
-            frame = next(container.decode(video=0))
-            return int(round(getattr(frame, "rotation", 0) or 0)) % 360
-    except (av.error.FFmpegError, StopIteration):
-        return 0
-
-
 class WindowReader:
     """Reads the frames of clip windows from one video, in order, scaled on decode."""
 
@@ -59,7 +49,6 @@ class WindowReader:
             height, width = probe[0].shape[:2]
         except Exception as e:  # decord reports open failures as bare RuntimeError / DECORDError
             raise ValueError(f"{path}: not a readable video ({type(e).__name__})") from None
-        self.rotation = stream_rotation(path)
         self.num_frames = len(probe)
         del probe
         scale = size / min(height, width)
@@ -74,8 +63,6 @@ class WindowReader:
         wanted = self.indices[start:stop]
         unique, inverse = np.unique(wanted, return_inverse=True)  # sorted: decoded in stream order
         frames = self.reader.get_batch(unique.tolist()).asnumpy()
-        if self.rotation:
-            frames = np.rot90(frames, k=self.rotation // 90, axes=(1, 2))
         frames = center_crop(frames, self.size)
         return np.ascontiguousarray(frames[inverse.reshape(wanted.shape)])
 

@@ -186,3 +186,33 @@ def test_ray_retries_a_task_whose_worker_dies(ray_local, tmp_path, store):
     summary = run_stage(stage, store, executor="ray", workers=2, max_retries=2)
     assert (summary.done, summary.failed) == (3, 0)
     assert all((tmp_path / f"u{i}.attempted").exists() for i in range(3))  # each died once, then succeeded
+
+
+def rotate_90_in_container(path):
+    """Set the track's display matrix to a 90-degree rotation, as phones record portrait video."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    tkhd = data.index(b"tkhd") + 4
+    assert data[tkhd] == 0  # version 0 box: the matrix sits 40 bytes in
+    fixed = [struct.pack(">i", v * 65536) for v in (0, 1, 0, -1, 0, 0, 0, 0)]
+    data[tkhd + 40:tkhd + 76] = b"".join(fixed) + struct.pack(">I", 0x40000000)
+    path.write_bytes(data)
+
+
+def test_rotated_video_comes_out_upright(tmp_path):
+    path = tmp_path / "portrait.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv420p"
+        for _ in range(10):
+            img = np.zeros((32, 64, 3), np.uint8)
+            img[:, 16:32] = 255  # stored left-of-centre band: upright, the top half of the centre crop
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    rotate_90_in_container(path)
+    frame = WindowReader(str(path), 16, 1, np.array([[0.0, 1.0]])).read(0, 1)[0, 0, :, :, 0].astype(float)
+    rows = frame.mean(axis=1)
+    assert rows[:6].min() > 200 and rows[-6:].max() < 40  # horizontal band on top: upright
