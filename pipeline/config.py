@@ -32,6 +32,34 @@ class FeaturesConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    size: str = "base"           # model size: base (official GPT-2 / BERT base) | demo | tiny
+    epochs: int = 5              # official: clip 5, segment +10, video +10
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_frac: float = 0.05    # share of steps with linear warm-up, then cosine decay
+    grad_clip: float = 1.0
+    freeze: str = "official"     # official (cross-attention, layer norms, queries train) | none
+    lower: str = "predicted"     # segment / video text input: predicted lower-level captions | groundtruth
+    tokenizer: str = ""          # local GPT-2 tokenizer folder; empty = BPE trained on the corpus captions
+    vocab_size: int = 1000       # for the corpus BPE tokenizer
+    seed: int = 0
+    workers: int = 1             # Ray Train workers; 1 = this process
+
+
+@dataclass(frozen=True)
+class CaptionConfig:
+    clip_checkpoint: str = ""    # our checkpoint folder or an official .pth; empty = latest trained in the store
+    segment_checkpoint: str = ""
+    video_checkpoint: str = ""
+    method: str = "greedy"       # greedy | beam | nucleus
+    num_beams: int = 4
+    top_p: float = 0.9
+    batch_size: int = 64         # windows per generate call
+
+
+@dataclass(frozen=True)
 class RunConfig:
     workers: int = 0             # Ray workers per stage; 0 = as many as the cluster's CPUs allow
     address: str = ""            # Ray address; empty = RAY_ADDRESS or a local instance
@@ -44,6 +72,8 @@ class Config:
     store: str = "recap-store"
     windows: WindowConfig = field(default_factory=WindowConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    captions: CaptionConfig = field(default_factory=CaptionConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict:
