@@ -130,6 +130,73 @@ def features(store: StoreOpt = None, config: ConfigOpt = None,
     _run(lambda c: FeaturesStage(c.features, c.windows), cfg, Store(cfg.store), retry_failed, local)
 
 
+def _caption_command(level: str, store, config, checkpoint, method, batch_size, workers, address, retry_failed,
+                     local):
+    from pipeline.dag import build_stages
+
+    caps = {f"{level}_checkpoint": checkpoint, "method": method, "batch_size": batch_size}
+    cfg = _load(store, config, captions={k: v for k, v in caps.items() if v is not None},
+                run={k: v for k, v in {"workers": workers, "address": address}.items() if v is not None})
+    upto = {"clip": "captions", "segment": "segments", "video": "summaries"}[level]
+    st = Store(cfg.store)
+    try:
+        chain = build_stages(cfg, st, upto=upto)
+    except ValueError as e:
+        _fail(str(e))
+    if chain[-1].name != upto:
+        _fail(f"no {level} checkpoint: pass --checkpoint, set captions.{level}_checkpoint, or run "
+              f"`recap train --level {level}`; earlier levels need theirs too")
+    _run(lambda c: chain[-1], cfg, st, retry_failed, local)
+
+
+CheckpointOpt = Annotated[Optional[str], typer.Option(help="Our checkpoint folder or an official .pth "
+                                                      "[default: latest trained in the store]")]
+MethodOpt = Annotated[Optional[str], typer.Option(help="greedy | beam | sample")]
+BatchOpt = Annotated[Optional[int], typer.Option(help="Windows per generate call")]
+
+
+@app.command()
+def captions(store: StoreOpt = None, config: ConfigOpt = None, checkpoint: CheckpointOpt = None,
+             method: MethodOpt = None, batch_size: BatchOpt = None, workers: WorkersOpt = None,
+             address: AddressOpt = None, retry_failed: RetryOpt = False, local: LocalOpt = False):
+    """Clip captions for every 4-s window of every video, into captions/clip."""
+    _caption_command("clip", store, config, checkpoint, method, batch_size, workers, address, retry_failed, local)
+
+
+@app.command()
+def segments(store: StoreOpt = None, config: ConfigOpt = None, checkpoint: CheckpointOpt = None,
+             method: MethodOpt = None, batch_size: BatchOpt = None, workers: WorkersOpt = None,
+             address: AddressOpt = None, retry_failed: RetryOpt = False, local: LocalOpt = False):
+    """Segment descriptions: sparse CLS + the clip captions of each segment window, into captions/segment."""
+    _caption_command("segment", store, config, checkpoint, method, batch_size, workers, address, retry_failed,
+                     local)
+
+
+@app.command()
+def summaries(store: StoreOpt = None, config: ConfigOpt = None, checkpoint: CheckpointOpt = None,
+              method: MethodOpt = None, batch_size: BatchOpt = None, workers: WorkersOpt = None,
+              address: AddressOpt = None, retry_failed: RetryOpt = False, local: LocalOpt = False):
+    """Video summaries: sparse CLS of the video + its segment descriptions, into captions/video."""
+    _caption_command("video", store, config, checkpoint, method, batch_size, workers, address, retry_failed, local)
+
+
+@app.command()
+def run(store: StoreOpt = None, config: ConfigOpt = None,
+        dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan, compute nothing")] = False,
+        workers: WorkersOpt = None, address: AddressOpt = None, retry_failed: RetryOpt = False,
+        local: LocalOpt = False):
+    """The DAG: features -> captions -> segments -> summaries; only new or failed (with --retry-failed) work."""
+    from pipeline.run import run_all
+
+    cfg = _load(store, config, run={k: v for k, v in {"workers": workers, "address": address}.items()
+                                    if v is not None})
+    try:
+        summaries = run_all(cfg, Store(cfg.store), dry_run=dry_run, retry_failed=retry_failed, local=local)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    _exit_for(*summaries)
+
+
 @app.command()
 def status(store: StoreOpt = None, config: ConfigOpt = None):
     """Per stage and level: units done / failed / pending, with sizes."""
@@ -137,7 +204,7 @@ def status(store: StoreOpt = None, config: ConfigOpt = None):
 
     cfg, st = _open(store, config)
     typer.echo(f"store: {st.root}")
-    typer.echo(format_status(status_rows(st, build_stages(cfg))))
+    typer.echo(format_status(status_rows(st, build_stages(cfg, st))))
 
 
 @app.command()

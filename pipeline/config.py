@@ -57,6 +57,8 @@ class CaptionConfig:
     num_beams: int = 4
     top_p: float = 0.9
     batch_size: int = 64         # windows per generate call
+    device: str = "cpu"
+    tokenizer: str = ""          # local GPT-2 tokenizer folder, for official .pth checkpoints
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ from pipeline.progress import Progress, Summary
 from stages.base import Blocked, Stage, Unit
 from store import Store
 
+MAX_FAILURE_LINES = 10  # per run; every failure still gets its record
+
 
 def todo_units(stage: Stage, store: Store, retry_failed: bool = False):
     """Split a stage's plan into (to run, already done, failed before, blocked)."""
@@ -56,8 +58,17 @@ def run_stage(stage: Stage, store: Store, *, executor: str = "ray", workers: int
                 record = store.record_failure(stage.name, stage.version(), unit.id, error, unit.video_id)
                 summary.failed += 1
                 summary.failures.append(record)
-                print(f"[{stage.name}] {unit.id}: FAILED {record['error_type']}: {record['message']}", file=stream)
+                if summary.failed <= MAX_FAILURE_LINES:
+                    print(f"[{stage.name}] {unit.id}: FAILED {record['error_type']}: {record['message']}",
+                          file=stream)
             progress.advance(unit.work)
+    if summary.failed > MAX_FAILURE_LINES:
+        print(f"[{stage.name}] ... and {summary.failed - MAX_FAILURE_LINES} more failures: "
+              f"failures/{stage.name}/{stage.version()}/", file=stream)
+    for reason in summary.blocked_reasons[:MAX_FAILURE_LINES]:
+        print(f"[{stage.name}] blocked: {reason}", file=stream)
+    if len(summary.blocked_reasons) > MAX_FAILURE_LINES:
+        print(f"[{stage.name}] ... and {len(summary.blocked_reasons) - MAX_FAILURE_LINES} more blocked", file=stream)
     summary.wall_s = time.monotonic() - start
     print(summary.line(), file=stream, flush=True)
     return summary

@@ -65,6 +65,9 @@ class FeaturesStage(Stage):
                              "content_id": video["content_id"]}))
         return units
 
+    def __getstate__(self):  # Ray workers build their own encoder in setup()
+        return {**self.__dict__, "encoder": None}
+
     def check(self) -> None:
         """A checkpoint that does not fit the encoder fails here once, naming the keys, not in every worker."""
         if self.cfg.checkpoint:

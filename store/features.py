@@ -91,8 +91,11 @@ class FeatureSet:
             return arr[rows]
         return arr.get_orthogonal_selection((np.asarray(rows, dtype=np.int64), slice(None)))
 
+    def has_tokens(self, video_id: str) -> bool:
+        return self.store.exists(f"{self.rel(video_id)}/tokens/zarr.json")
+
     def read_tokens(self, video_id: str, rows: slice) -> np.ndarray:
-        if not self.store.exists(f"{self.rel(video_id)}/tokens/zarr.json"):
+        if not self.has_tokens(video_id):
             raise FileNotFoundError(
                 f"{self.rel(video_id)}: no tokens stored (features ran with --no-tokens or tokens were pruned)")
         return self._array(video_id, "tokens")[rows]
