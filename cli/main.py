@@ -181,6 +181,26 @@ def summaries(store: StoreOpt = None, config: ConfigOpt = None, checkpoint: Chec
 
 
 @app.command()
+def evaluate(store: StoreOpt = None, config: ConfigOpt = None,
+             split: Annotated[Optional[str], typer.Option(help="Ground-truth split [default: test]")] = None,
+             protocol: Annotated[Optional[list[str]], typer.Option(help="videorecap | coco (repeatable)")] = None,
+             by: Annotated[Optional[str], typer.Option(help="'video' for per-video scores")] = None):
+    """CIDEr / ROUGE-L / METEOR per level against ground truth; writes a metrics table and prints it."""
+    from pipeline.evaluate import evaluate_all
+
+    ev = {"split": split, "protocols": tuple(protocol) if protocol else None}
+    cfg = _load(store, config, evaluate={k: v for k, v in ev.items() if v is not None})
+    if by not in (None, "video"):
+        _fail(f"--by takes 'video', got {by!r}")
+    try:
+        result = evaluate_all(cfg, Store(cfg.store), by=by)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        _fail(str(e))
+    if result is None:
+        raise typer.Exit(1)
+
+
+@app.command()
 def run(store: StoreOpt = None, config: ConfigOpt = None,
         dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan, compute nothing")] = False,
         workers: WorkersOpt = None, address: AddressOpt = None, retry_failed: RetryOpt = False,

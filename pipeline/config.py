@@ -62,6 +62,12 @@ class CaptionConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    split: str = "test"
+    protocols: tuple = ("videorecap", "coco")   # official Video ReCap scoring, and COCO's (PTB tokenizer)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     workers: int = 0             # Ray workers per stage; 0 = as many as the cluster's CPUs allow
     address: str = ""            # Ray address; empty = RAY_ADDRESS or a local instance
@@ -76,6 +82,7 @@ class Config:
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     captions: CaptionConfig = field(default_factory=CaptionConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict:
@@ -97,6 +104,8 @@ def _merge(obj, overrides: dict, where: str):
             expected = type(current)
             if expected is float and isinstance(value, int):
                 value = float(value)
+            if expected is tuple and isinstance(value, list):
+                value = tuple(value)
             if not isinstance(value, expected):
                 raise ValueError(f"{where}.{key}: expected {expected.__name__}, got {value!r}")
             changes[key] = value
