@@ -156,7 +156,7 @@ def generate_official(
     ended = torch.zeros(B, dtype=torch.bool, device=queries.device)
     entropy, count, step_logits = torch.zeros(B, device=queries.device), torch.zeros(B, device=queries.device), []
     for _ in range(max_text_length - 1):
-        logits = decoder(ids, cross_kv=cross_kv)[0][:, -1]
+        logits = decoder(ids, cross_kv=cross_kv)[0][:, -1].clone()  # a view would keep all (B, L, vocab) alive
         step_logits.append(logits)
         nxt = logits.argmax(-1)
         counted = (~ended).float()

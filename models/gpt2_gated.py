@@ -48,7 +48,7 @@ class GPT2Attention(nn.Module):
 
     def cross_kv(self, queries: torch.Tensor) -> KV:
         k, v = self.c_attn(queries).split(self.n_embd, dim=2)
-        return self._heads(k), self._heads(v)
+        return self._heads(k).contiguous(), self._heads(v).contiguous()  # else every step's matmul copies them
 
     def forward(self, x: torch.Tensor, kv: KV | None = None) -> tuple[torch.Tensor, KV]:
         """Self-attention: `kv` caches earlier positions (or None); returns the keys/values of all positions.

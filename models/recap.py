@@ -154,9 +154,9 @@ class RecapConfig:
             num_video_queries=sd["video_queries"].shape[0],
             num_text_queries=sd["text_queries"].shape[0] if "text_queries" in sd else 0,
             qformer_hidden_size=sd["video_queries"].shape[1],
-            qformer_num_layers=count(r"video_mapper\.mapper\.bert\.encoder\.layer\.(\d+)\."),
+            qformer_num_layers=count(rf"{re.escape(qf)}encoder\.layer\.(\d+)\."),
             qformer_intermediate_size=sd[qf + "encoder.layer.0.intermediate_query.dense.weight"].shape[0],
-            qformer_cross_attention_freq=cross_freq(r"video_mapper\.mapper\.bert\.encoder\.layer\.(\d+)\.crossattention") or 2,
+            qformer_cross_attention_freq=cross_freq(rf"{re.escape(qf)}encoder\.layer\.(\d+)\.crossattention") or 2,
             qformer_vocab_size=sd[qf + "embeddings.word_embeddings.weight"].shape[0],
             qformer_max_positions=sd[qf + "embeddings.position_embeddings.weight"].shape[0],
             vocab_size=sd["text_decoder.transformer.wte.weight"].shape[0],
@@ -268,8 +268,8 @@ class RecapModel(nn.Module):
 
     @classmethod
     def from_state_dict(cls, config: RecapConfig, state_dict: dict, source="state dict") -> RecapModel:
-        """Build without a throwaway init and take the tensors strictly; a shared tensor may appear
-        under one of its names only. Fails naming missing/unexpected keys and wrong shapes."""
+        """Build without a throwaway init and take the tensors strictly (a tied tensor may be given under
+        its first name only). Fails naming missing and unexpected keys and wrong shapes."""
         with torch.device("meta"):
             model = cls(config)
         state = {alias: state_dict[src] for alias, src in model.tied_weights.items() if src in state_dict}
@@ -289,7 +289,8 @@ class RecapModel(nn.Module):
             config = RecapConfig.from_official_state_dict(sd, args_dict(ckpt), config_overrides)
         except KeyError as e:
             raise ValueError(f"{path}: not a Video ReCap checkpoint, missing key {e}") from None
-        return cls.from_state_dict(config, {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, path)
+        sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}  # fp32 whatever a copy was saved in
+        return cls.from_state_dict(config, sd, path)
 
     def tie_weights(self):
         """Re-share tensors after `load_state_dict(assign=True)`, which assigns each name separately."""
