@@ -181,6 +181,37 @@ def summaries(store: StoreOpt = None, config: ConfigOpt = None, checkpoint: Chec
 
 
 @app.command()
+def train(store: StoreOpt = None, config: ConfigOpt = None,
+          level: Annotated[str, typer.Option(help="clip | segment | video | unified (ReCap-U)")] = "clip",
+          init_from: Annotated[Optional[str], typer.Option(help="Checkpoint to start from: our folder or an "
+                                                           "official .pth (the previous level's)")] = None,
+          lower: Annotated[Optional[str], typer.Option(help="Lower-level text for segment / video: "
+                                                       "predicted | groundtruth")] = None,
+          lower_version: Annotated[Optional[list[str]], typer.Option(
+              help="Predicted caption version to read, e.g. clip-71e289aa (repeatable; needed when there are "
+                   "several)")] = None,
+          freeze: Annotated[Optional[str], typer.Option(help="official | none (train everything)")] = None,
+          size: Annotated[Optional[str], typer.Option(help="Model size without --init-from: base | demo | "
+                                                      "tiny")] = None,
+          epochs: Annotated[Optional[int], typer.Option(help="Epochs")] = None,
+          batch_size: Annotated[Optional[int], typer.Option(help="Examples per step, over all workers")] = None,
+          lr: Annotated[Optional[float], typer.Option(help="Peak learning rate")] = None,
+          workers: Annotated[Optional[int], typer.Option(help="Ray Train workers (DDP); 1 = this process")] = None,
+          address: AddressOpt = None):
+    """Train a level's model on the store (checkpoint every epoch, resumable); captioning then uses it."""
+    from pipeline.train import train as train_level
+
+    settings = {"lower": lower, "freeze": freeze, "size": size, "epochs": epochs, "batch_size": batch_size,
+                "lr": lr, "workers": workers}
+    cfg = _load(store, config, train={k: v for k, v in settings.items() if v is not None},
+                run={"address": address} if address else None)
+    try:
+        train_level(cfg, Store(cfg.store), level, init_from=init_from, lower_versions=lower_version or ())
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        _fail(str(e))
+
+
+@app.command()
 def evaluate(store: StoreOpt = None, config: ConfigOpt = None,
              split: Annotated[Optional[str], typer.Option(help="Ground-truth split [default: test]")] = None,
              protocol: Annotated[Optional[list[str]], typer.Option(help="videorecap | coco (repeatable)")] = None,
@@ -236,6 +267,38 @@ def demo(store: Annotated[str, typer.Option("--store", "-s", help="Store root fo
     from pipeline.demo import run_demo
 
     _exit_for(*run_demo(store, data, preset, seed))
+
+
+checkpoint_app = typer.Typer(no_args_is_help=True, help="Official checkpoints: convert and inspect.")
+app.add_typer(checkpoint_app, name="checkpoint")
+OverridesOpt = Annotated[Optional[str], typer.Option("--config", help="JSON (file or inline) with model settings "
+                                                     "an official file lacks, e.g. head counts")]
+
+
+@checkpoint_app.command("convert")
+def checkpoint_convert(official: Annotated[str, typer.Argument(help="Official Video ReCap .pth")],
+                       out_dir: Annotated[str, typer.Argument(help="New folder for our format")],
+                       config: OverridesOpt = None,
+                       tokenizer: Annotated[Optional[str], typer.Option(help="Local GPT-2 tokenizer folder")] = None):
+    """Official .pth (loaded strictly, never unpickling code) -> safetensors + config + tokenizer folder."""
+    from pipeline.checkpoints import convert
+
+    try:
+        typer.echo(f"wrote {convert(official, out_dir, config, tokenizer)}")
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+
+
+@checkpoint_app.command("inspect")
+def checkpoint_inspect(path: Annotated[str, typer.Argument(help="Our checkpoint folder or an official .pth")],
+                       config: OverridesOpt = None):
+    """Level, parameter counts, query counts and configuration of a checkpoint."""
+    from pipeline.checkpoints import describe
+
+    try:
+        typer.echo(describe(path, config))
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
 
 
 def main() -> None:
