@@ -222,10 +222,10 @@ class RecapModel(nn.Module):
             self.text_mapper = QFormerMapper(config.qformer_config(config.n_embd))
         self.text_decoder = GatedGPT2LMHeadModel(config.gpt2_config())
         self.apply(self._init_weights)
-        first = {}  # lm_head = wte; each MLM head's decoder weight/bias = word embeddings / head bias
-        self.tied_weights = {  # alias -> the name it shares a tensor with
-            name: first[id(p)] for name, p in self.named_parameters(remove_duplicate=False)
-            if first.setdefault(id(p), name) != name}
+        # Shared tensors, alias -> first name: lm_head = wte; each MLM head's decoder = word embeddings + head bias.
+        first = {}
+        self.tied_weights = {name: first[id(p)] for name, p in self.named_parameters(remove_duplicate=False)
+                             if first.setdefault(id(p), name) != name}
 
     @torch.no_grad()
     def _init_weights(self, module):

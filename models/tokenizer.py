@@ -19,7 +19,9 @@ PAD = "<pad>"
 
 
 class Tokenizer:
-    pad_id = 0
+    """A transformers fast tokenizer with the caption ids: bos = eos (its eos token), pad = 0."""
+
+    pad_id = 0  # official convention, whatever the tokenizer calls its pad token
 
     def __init__(self, hf: PreTrainedTokenizerFast):
         if hf.eos_token_id is None:
