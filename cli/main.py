@@ -190,6 +190,9 @@ def train(store: StoreOpt = None, config: ConfigOpt = None,
           lower_version: Annotated[Optional[list[str]], typer.Option(
               help="Predicted caption version to read, e.g. clip-71e289aa (repeatable; needed when there are "
                    "several)")] = None,
+          recursive: Annotated[Optional[bool], typer.Option(
+              "--recursive/--no-recursive", help="Read the lower level's text (off: the non-recursive "
+                                                 "baseline, video features only)")] = None,
           freeze: Annotated[Optional[str], typer.Option(help="official | none (train everything)")] = None,
           size: Annotated[Optional[str], typer.Option(help="Model size without --init-from: base | demo | "
                                                       "tiny")] = None,
@@ -201,8 +204,8 @@ def train(store: StoreOpt = None, config: ConfigOpt = None,
     """Train a level's model on the store (checkpoint every epoch, resumable); captioning then uses it."""
     from pipeline.train import train as train_level
 
-    settings = {"lower": lower, "freeze": freeze, "size": size, "epochs": epochs, "batch_size": batch_size,
-                "lr": lr, "workers": workers}
+    settings = {"lower": lower, "recursive": recursive, "freeze": freeze, "size": size, "epochs": epochs,
+                "batch_size": batch_size, "lr": lr, "workers": workers}
     cfg = _load(store, config, train={k: v for k, v in settings.items() if v is not None},
                 run={"address": address} if address else None)
     try:

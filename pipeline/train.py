@@ -1,0 +1,224 @@
+"""`recap train`: resolve a level's training inputs in the store, name the run, and train it in this
+process or on Ray Train. The caption stages then use its final checkpoint by default.
+
+    clip     the tokens of each 4-s window + ground-truth clip captions
+    segment  sparse CLS + the clip captions in the window: ground truth, or predicted (captions/clip/<version>)
+    video    sparse CLS + the segment descriptions: ground truth, or predicted (captions/segment/<version>)
+    unified  all three in alternating batches, one set of weights (ReCap-U)
+With `train.recursive` off, segment and video models read video features only (the paper's
+non-recursive baseline).
+
+Targets are the ground truth of the train split; the val split gives the validation loss. The run
+name fingerprints the level, the train settings (not the worker count), the init checkpoint and the
+data (feature versions, targets, lower-level captions): the same command after completion does
+nothing, and after a kill resumes from the last committed epoch.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, astuple, dataclass
+from pathlib import Path
+from typing import Sequence
+
+from models import checkpoint
+from models.recap import RecapConfig
+from models.tokenizer import Tokenizer
+from pipeline.config import Config
+from stages.captions import LEVEL_STAGE, weights_id, write_latest
+from stages.features import FeaturesStage
+from stages.train import (
+    Item, TrainPlan, epoch_dir, last_epoch, level_config, sized_config, train_worker,
+)
+from store import LEVELS, Store, fingerprint, read_captions, read_groundtruth
+
+CURRICULUM = {"clip": ("clip",), "segment": ("segment",), "video": ("video",), "unified": LEVELS}
+LOWER_LEVEL = {"segment": "clip", "video": "segment"}
+LOWER_SOURCES = ("predicted", "groundtruth")
+
+
+@dataclass
+class TrainResult:
+    level: str
+    run: str
+    checkpoint: str   # store-relative folder of the final epoch
+    trained: bool     # False: the run was already complete
+    wall_s: float
+
+
+def train(config: Config, store: Store, level: str, *, init_from: str | None = None,
+          lower_versions: Sequence[str] = (), stream=sys.stderr) -> TrainResult:
+    """Train `level` (clip | segment | video | unified) as `config.train` says; `lower_versions` names the
+    predicted caption versions to read when there are several."""
+    start = time.monotonic()
+    settings = config.train
+    _check_arguments(settings, store, level, init_from)
+    features = FeaturesStage(config.features, config.windows)
+    levels = CURRICULUM[level]
+    targets = {split: {lvl: _targets(store, lvl, split) for lvl in levels} for split in ("train", "val")}
+    lower = {lvl: _lower_captions(store, lvl, settings.lower, lower_versions, targets, stream)
+             for lvl in levels if lvl in LOWER_LEVEL and settings.recursive}
+    feature_ids = _feature_fingerprints(store, features, targets, needs_tokens="clip" in levels)
+
+    params = {k: v for k, v in asdict(settings).items() if k != "workers" and (k != "lower" or lower)}
+    data = {split: {lvl: [astuple(i) for i in items] for lvl, items in by_level.items()}
+            for split, by_level in targets.items()}
+    run = fingerprint(level, params, weights_id(init_from) if init_from else None, feature_ids, data, lower,
+                      length=12)
+    run_dir = f"checkpoints/{level}/{run}"
+    final = epoch_dir(run_dir, settings.epochs)
+    trained = last_epoch(store, run_dir) < settings.epochs
+    if trained:
+        print(f"[train {level}] run {run_dir}", file=stream, flush=True)
+        tokenizer = _run_tokenizer(store, run_dir, settings, init_from)
+        info = features.feature_set(store).info(next(iter(feature_ids)))
+        init = RecapConfig.from_dict(checkpoint.inspect(init_from)["config"]) if init_from else None
+        model = level_config(settings.size, level, info["dim"], info["num_tokens"] or 0, tokenizer, init,
+                             settings.recursive)
+        plan = TrainPlan(
+            store=store.root, level=level, run_dir=run_dir, features=features.version(), settings=settings,
+            model=model.to_dict(), init_from=init_from, train=targets["train"], val=targets["val"], lower=lower,
+            num_feat={lvl: sized_config(settings.size, lvl).num_video_feat for lvl in levels if lvl != "clip"})
+        _run_workers(plan, settings.workers, config.run.address or None, stream)
+    else:
+        print(f"[train {level}] already trained: {store.abs(final)}; nothing to do", file=stream)
+    if store.read_json(f"checkpoints/{level}/latest.json") != {"path": final}:
+        write_latest(store, level, final)
+    result = TrainResult(level, run, final, trained, time.monotonic() - start)
+    if trained:
+        print(f"[train {level}] done: {store.abs(final)} (default for captioning: checkpoints/{level}/latest.json)"
+              f" | wall {result.wall_s:.1f} s", file=stream, flush=True)
+    return result
+
+
+def _check_arguments(settings, store: Store, level: str, init_from: str | None) -> None:
+    if level not in CURRICULUM:
+        raise ValueError(f"unknown level {level!r}; expected one of {', '.join(CURRICULUM)}")
+    if settings.lower not in LOWER_SOURCES:
+        raise ValueError(f"train.lower must be one of {', '.join(LOWER_SOURCES)}, got {settings.lower!r}")
+    if settings.freeze == "official" and not init_from:
+        raise ValueError("freeze 'official' trains only cross-attention, layer norms and queries, so GPT-2 keeps "
+                         "its random init and cannot learn language: pass --init-from a checkpoint, or train "
+                         "everything with --freeze none")
+    if not store.local:
+        raise ValueError(f"{store.root}: training writes checkpoints to a local (or mounted) store")
+    if init_from and not Path(init_from).exists():
+        raise FileNotFoundError(f"{init_from}: init checkpoint not found")
+
+
+def _targets(store: Store, level: str, split: str) -> list[Item]:
+    table = read_groundtruth(store, level, split)
+    if table is None:
+        raise FileNotFoundError(f"no {level} ground truth in {store.root}: ingest a corpus with ground truth "
+                                f"(`recap ingest ego4d-hcap METADATA_DIR --videos ROOT`)")
+    items = [Item(r["video_id"], r["start_s"], r["end_s"], r["text"]) for r in table.to_pylist()]
+    if split == "train" and not items:
+        raise ValueError(f"no {level} ground truth in the train split of {store.root}")
+    return items
+
+
+def _lower_captions(store: Store, level: str, source: str, versions: Sequence[str], targets: dict, stream):
+    """video -> (start, end, text) of the level below, ground truth or a predicted caption version; fails
+    naming the stage to run when a video of the targets has none."""
+    lower = LOWER_LEVEL[level]
+    if source == "groundtruth":
+        table = read_groundtruth(store, lower)
+        if table is None:
+            raise FileNotFoundError(f"no {lower} ground truth in {store.root} for --lower groundtruth")
+    else:
+        version = _caption_version(store, lower, versions)
+        print(f"[train {level}] lower level: predicted {lower} captions captions/{lower}/{version}", file=stream)
+        table = read_captions(store, lower, version)
+    by_video: dict[str, list[tuple[float, float, str]]] = {}
+    for video_id, start, end, text in zip(*(table[c].to_pylist() for c in ("video_id", "start_s", "end_s", "text"))):
+        by_video.setdefault(video_id, []).append((start, end, text))
+    videos = {i.video_id for split in targets.values() for i in split[level]}
+    missing = sorted(videos - set(by_video))
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(videos)} videos have no {lower} captions (e.g. {missing[0]}): "
+                                f"run `recap {LEVEL_STAGE[lower]}` for them, or train with --lower groundtruth")
+    return by_video
+
+
+def _caption_version(store: Store, lower: str, versions: Sequence[str]) -> str:
+    available = store.listdir(f"captions/{lower}")
+    candidates = [v for v in versions if v in available] if versions else available
+    if len(candidates) == 1:
+        return candidates[0]
+    run = f"run `recap {LEVEL_STAGE[lower]}` first, or train with --lower groundtruth"
+    if not available:
+        raise FileNotFoundError(f"no predicted {lower} captions in {store.root} (captions/{lower}/): {run}")
+    if versions:
+        raise ValueError(f"--lower-version {', '.join(versions)}: not a {lower} caption version in the store; "
+                         f"there are {', '.join(available)}")
+    raise ValueError(f"several {lower} caption versions in the store ({', '.join(available)}): "
+                     f"choose one with --lower-version")
+
+
+def _feature_fingerprints(store: Store, features: FeaturesStage, targets: dict, needs_tokens: bool) -> dict[str, str]:
+    """Fingerprints of the features of every video used; fails naming the videos not extracted."""
+    videos = sorted({i.video_id for split in targets.values() for items in split.values() for i in items})
+    missing = sorted(set(videos) - features.complete_videos(store))
+    if missing:
+        raise FileNotFoundError(f"features {features.version()} are missing for {len(missing)} of {len(videos)} "
+                                f"videos (e.g. {missing[0]}): run `recap features`")
+    fs = features.feature_set(store)
+    if needs_tokens:
+        clip_videos = {i.video_id for split in targets.values() for i in split["clip"]}
+        pruned = sorted(v for v in clip_videos if not fs.has_tokens(v))
+        if pruned:
+            raise FileNotFoundError(f"features {fs.name} of {len(pruned)} videos hold no tokens (e.g. {pruned[0]}), "
+                                    f"which clip captions are trained on: run `recap features --tokens`")
+    return {v: fs.info(v)["fingerprint"] for v in videos}
+
+
+def _run_tokenizer(store: Store, run_dir: str, settings, init_from: str | None) -> Tokenizer:
+    """The run's tokenizer, committed once under the run so that every worker and every resume reads the same:
+    the init checkpoint's, a configured GPT-2 one, or a BPE trained on all ground-truth training captions."""
+    rel = f"{run_dir}/tokenizer"
+    if store.exists(rel):
+        return Tokenizer.load(store.abs(rel))
+    if init_from and (Path(init_from) / "tokenizer.json").exists():
+        tokenizer = Tokenizer.load(init_from)
+    elif settings.tokenizer:
+        tokenizer = Tokenizer.load(settings.tokenizer)
+    elif init_from:
+        raise ValueError(f"{init_from}: holds no tokenizer; set train.tokenizer to the GPT-2 tokenizer folder it "
+                         f"was trained with")
+    else:
+        tables = [read_groundtruth(store, lvl, "train") for lvl in LEVELS]
+        tokenizer = Tokenizer.train([t for table in tables if table is not None for t in table["text"].to_pylist()],
+                                    settings.vocab_size)
+    tmp = store.tmp_name(rel)
+    tokenizer.save(store.abs(tmp))
+    store.replace(tmp, rel)
+    return tokenizer
+
+
+def _run_workers(plan: TrainPlan, workers: int, address: str | None, stream) -> None:
+    if workers <= 1:
+        train_worker(plan, stream)
+        return
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.ray_pool import ensure_ray
+
+    ensure_ray(address)
+    trainer = TorchTrainer(
+        _ray_train_loop, train_loop_config={"plan": plan},
+        scaling_config=ray.train.ScalingConfig(num_workers=workers,
+                                               use_gpu=ray.cluster_resources().get("GPU", 0) >= workers),
+        run_config=ray.train.RunConfig(name=f"recap-train-{plan.run_dir.replace('/', '-')}"))
+    try:
+        trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise RuntimeError(f"training failed on Ray Train: {e}") from None
+
+
+def _ray_train_loop(config: dict) -> None:
+    """One Ray Train worker; Ray has set up torch.distributed (gloo on CPU, nccl on GPUs). Progress goes to
+    the process's own stderr, which Ray forwards: through `sys.stderr`, Ray Train's print patch repeats it."""
+    train_worker(config["plan"], stream=sys.__stderr__)

@@ -1,0 +1,288 @@
+"""`recap train` on a real store built from the tiny synthetic corpus: the loss falls, a killed run resumes
+to the weights of an uninterrupted one, re-runs skip, lower-level inputs, init from another level,
+ReCap-U, the official freezing policy, and Ray Train with two workers."""
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from models import checkpoint
+from models.recap import RecapConfig, RecapModel
+from pipeline.config import load_config
+from pipeline.ingest import ingest_hcap
+from pipeline.runner import run_stage
+from pipeline.train import train
+from stages.features import FeaturesStage
+from stages.train import epoch_batches, load_init, param_groups, query_rows, set_trainable
+from store import CAPTION_SCHEMA, Store, captions_rel, read_groundtruth
+
+from conftest import REPO
+
+TRAIN = {"size": "tiny", "freeze": "none", "epochs": 3, "batch_size": 8, "lr": 1e-3}
+REFERENCE = REPO / "tests" / "data" / "reference"
+
+
+# Tiny models train fastest on one thread per process; on a busy 2-core machine more threads wait on each other.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def recap(*args: str, **popen) -> subprocess.CompletedProcess | subprocess.Popen:
+    """`recap ...` in a fresh interpreter, as a user would run it: run to success, or with `popen` arguments
+    started and returned."""
+    command = [sys.executable, "-c", "from cli.main import main; main()", *args]
+    if popen:
+        return subprocess.Popen(command, cwd=REPO, env=ONE_THREAD, **popen)
+    proc = subprocess.run(command, cwd=REPO, env=ONE_THREAD, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise AssertionError(f"recap {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def featured(tmp_path_factory, tiny_corpus) -> Path:
+    """The tiny corpus ingested, with tsf-tiny features (tokens included)."""
+    root = tmp_path_factory.mktemp("train") / "featured"
+    store = Store(root)
+    ingest_hcap(store, str(tiny_corpus), str(tiny_corpus / "videos"))
+    cfg = load_config(features={"encoder": "tsf-tiny"})
+    assert run_stage(FeaturesStage(cfg.features, cfg.windows), store, executor="local").failed == 0
+    return root
+
+
+def copy_store(featured: Path, dst: Path) -> Store:
+    shutil.copytree(featured, dst)
+    return Store(dst)
+
+
+@pytest.fixture
+def store(featured, tmp_path) -> Store:
+    return copy_store(featured, tmp_path / "store")
+
+
+def run(store: Store, level="clip", init_from=None, lower_versions=(), encoder="tsf-tiny", **settings):
+    cfg = load_config(store=store.root, features={"encoder": encoder}, train={**TRAIN, **settings})
+    log = io.StringIO()
+    result = train(cfg, store, level, init_from=init_from, lower_versions=lower_versions, stream=log)
+    return result, log.getvalue()
+
+
+def config_file(path: Path, store: Store, **settings) -> Path:
+    lines = [f"{k} = {json.dumps(v)}" for k, v in {**TRAIN, **settings}.items()]
+    path.write_text(f'store = "{store.root}"\n[features]\nencoder = "tsf-tiny"\n[train]\n' + "\n".join(lines) + "\n")
+    return path
+
+
+def history(store: Store, result):
+    return pq.read_table(store.abs(f"{result.checkpoint.rsplit('/', 1)[0]}/losses.parquet")).to_pandas()
+
+
+def test_clip_loss_falls_and_the_same_command_again_does_nothing(store):
+    result, log = run(store, epochs=4)
+    losses = history(store, result)
+    per_epoch = losses[losses["split"] == "train"].groupby("epoch")["loss"].mean()
+    val = losses[losses["split"] == "val"].set_index("epoch")["loss"]
+    assert per_epoch[4] < per_epoch[1] - 0.5 and val[4] < val[1] - 0.3, losses
+    assert len(losses[losses["split"] == "train"]) == 4 * 9  # 70 clips / batch 8, every step recorded
+
+    run_dir = result.checkpoint.rsplit("/", 1)[0]
+    assert store.listdir(run_dir) == ["epoch-0004", "losses.parquet", "losses.png", "tokenizer"]
+    assert store.read_json("checkpoints/clip/latest.json") == {"path": result.checkpoint}
+    model, tokenizer = checkpoint.load(store.abs(result.checkpoint))
+    assert (model.config.level, model.config.num_video_feat, model.config.video_feature_width) == ("clip", 17, 64)
+    # one vocabulary for the whole curriculum: words only video summaries use are whole tokens too
+    summary_words = set(" ".join(read_groundtruth(store, "video", "train")["text"].to_pylist()).split())
+    clip_words = set(" ".join(read_groundtruth(store, "clip")["text"].to_pylist()).split())
+    assert all(len(tokenizer.encode(" " + w)) == 1 for w in summary_words - clip_words if w.isalpha() and w.islower())
+
+    weights = Path(store.abs(result.checkpoint)) / "model.safetensors"
+    written = weights.stat().st_mtime_ns
+    again, log = run(store, epochs=4)
+    assert (again.trained, again.checkpoint) == (False, result.checkpoint) and "nothing to do" in log
+    assert weights.stat().st_mtime_ns == written
+
+
+def test_killed_run_resumes_after_its_last_epoch_and_ends_as_an_uninterrupted_one(featured, tmp_path):
+    epochs = 6  # an epoch takes well under a second here: enough of them to kill the run before its end
+    reference = copy_store(featured, tmp_path / "reference")
+    uninterrupted, _ = run(reference, epochs=epochs)
+
+    killed = copy_store(featured, tmp_path / "killed")
+    toml = config_file(tmp_path / "train.toml", killed, epochs=epochs)
+    run_dir = Path(killed.abs(uninterrupted.checkpoint)).parent  # same settings and data: same run name
+    with open(tmp_path / "first.log", "w") as log:
+        proc = recap("train", "--config", str(toml), stderr=log)
+        deadline = time.monotonic() + 120
+        while not any(run_dir.glob("epoch-*")):
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    committed = sorted(p.name for p in run_dir.glob("epoch-*"))
+    assert len(committed) == 1 and committed[0] < f"epoch-{epochs:04d}"
+
+    resumed = recap("train", "--config", str(toml))
+    done = int(committed[0][-4:])
+    assert f"resuming after epoch {done}" in resumed.stderr
+    trained_now = [f"epoch {e}/{epochs} | train loss" in resumed.stderr for e in range(1, epochs + 1)]
+    assert trained_now == [e > done for e in range(1, epochs + 1)]
+    a = load_file(Path(reference.abs(uninterrupted.checkpoint)) / "model.safetensors")
+    b = load_file(run_dir / f"epoch-{epochs:04d}" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert history(reference, uninterrupted).equals(history(killed, uninterrupted))
+
+
+def write_predicted_clip_captions(store: Store, version: str, videos) -> None:
+    gt = read_groundtruth(store, "clip").to_pylist()
+    for video in videos:
+        rows = [{**{k: r[k] for k in ("video_id", "level", "start_s", "end_s")}, "text": r["text"].upper(),
+                 "score": 0.0, "fingerprint": "test"} for r in gt if r["video_id"] == video]
+        store.write_table(captions_rel("clip", version, video), pa.Table.from_pylist(rows, schema=CAPTION_SCHEMA))
+
+
+def test_segment_level_reads_predicted_clip_captions_or_ground_truth(store):
+    with pytest.raises(FileNotFoundError, match=r"no predicted clip captions .*run `recap captions`"):
+        run(store, level="segment", lower="predicted", epochs=1)
+    non_recursive, _ = run(store, level="segment", lower="predicted", recursive=False, epochs=1)
+    model, _ = checkpoint.load(store.abs(non_recursive.checkpoint))
+    assert model.config.num_text_queries == 0 and not hasattr(model, "text_mapper")
+
+    segments = read_groundtruth(store, "segment")
+    videos = sorted(set(segments.filter(pc.is_in(segments["split"], pa.array(["train", "val"])))["video_id"]
+                        .to_pylist()))
+    write_predicted_clip_captions(store, "clip-test", videos[1:])
+    with pytest.raises(FileNotFoundError, match=rf"1 of {len(videos)} videos have no clip captions "
+                                                rf"\(e.g. {videos[0]}\): run `recap captions`"):
+        run(store, level="segment", lower="predicted", epochs=1)
+    write_predicted_clip_captions(store, "clip-test", videos[:1])
+    predicted, log = run(store, level="segment", lower="predicted", epochs=1)
+    assert "predicted clip captions captions/clip/clip-test" in log
+
+    write_predicted_clip_captions(store, "clip-other", videos)
+    with pytest.raises(ValueError, match="several clip caption versions .*--lower-version"):
+        run(store, level="segment", lower="predicted", epochs=1)
+    chosen, _ = run(store, level="segment", lower="predicted", lower_versions=["clip-test"], epochs=1)
+    assert not chosen.trained and chosen.run == predicted.run
+
+    groundtruth, _ = run(store, level="segment", lower="groundtruth", epochs=1)
+    assert groundtruth.trained and groundtruth.run != predicted.run
+    model, _ = checkpoint.load(store.abs(groundtruth.checkpoint))
+    assert model.config.level == "segment" and model.config.num_text_queries == 6
+
+
+def test_query_rows_are_the_official_subsampling():
+    assert query_rows(256, 32).tolist() == np.arange(0, 256, 256 / 33).astype(int)[1:].tolist()
+    assert query_rows(8, 4).tolist() == [1, 3, 4, 6]
+    assert len(query_rows(32, 256)) == 256  # the video level resumes 256 queries from the segment level's 32
+
+
+def test_init_from_a_clip_checkpoint_subsamples_queries_and_adds_a_text_mapper(store):
+    clip, _ = run(store, epochs=1)
+    clip_model, _ = checkpoint.load(store.abs(clip.checkpoint))
+    segment_model = RecapModel(clip_model.config.with_overrides({"level": "segment", "num_video_queries": 4,
+                                                                  "num_text_queries": 6, "num_video_feat": 10}))
+    notes = load_init(segment_model, store.abs(clip.checkpoint))
+    assert notes == ["video_queries: 8 -> 4 rows", "text_mapper: freshly initialised",
+                     "text_queries: freshly initialised"]
+    assert torch.equal(segment_model.video_queries, clip_model.video_queries[[1, 3, 4, 6]])
+    wte = "text_decoder.transformer.wte.weight"
+    assert torch.equal(segment_model.state_dict()[wte], clip_model.state_dict()[wte])
+
+    # end to end, with the official freezing: what it freezes stays the clip model's
+    segment, log = run(store, level="segment", lower="groundtruth", freeze="official", epochs=1,
+                       init_from=store.abs(clip.checkpoint))
+    assert "video_queries: 8 -> 4 rows; text_mapper: freshly initialised" in log
+    trained, _ = checkpoint.load(store.abs(segment.checkpoint))
+    frozen = ("text_decoder.transformer.wte.weight", "text_decoder.transformer.h.0.attn.c_attn.weight",
+              "video_mapper.mapper.bert.encoder.layer.0.attention.self.query.weight")
+    clip_state, segment_state = clip_model.state_dict(), trained.state_dict()
+    assert all(torch.equal(clip_state[k], segment_state[k]) for k in frozen)
+    assert not torch.equal(clip_state["text_decoder.transformer.h.0.crossattention.q_attn.weight"],
+                           segment_state["text_decoder.transformer.h.0.crossattention.q_attn.weight"])
+
+
+def test_unified_alternates_levels_and_clip_batches_pass_no_text(store, monkeypatch):
+    seen = set()
+    forward = RecapModel.forward
+
+    def spy(self, video, caption_tokens, video_mask=None, text_ids=None, text_mask=None):
+        seen.add((video.shape[1], text_ids is not None))
+        return forward(self, video, caption_tokens, video_mask, text_ids, text_mask)
+
+    monkeypatch.setattr(RecapModel, "forward", spy)
+    result, _ = run(store, level="unified", lower="groundtruth", epochs=1)
+    steps = history(store, result).query("split == 'train'")["level"].tolist()
+    assert steps[:4] == ["clip", "segment", "video", "clip"] and steps.count("video") == 1  # 4 summaries, batch 8
+    assert seen == {(17, False), (10, True), (12, True)}  # clip tokens; segment / video CLS rows + lower text
+    model, _ = checkpoint.load(store.abs(result.checkpoint))
+    assert model.config.level == "unified" and hasattr(model, "text_mapper")
+
+
+def test_epoch_batches_cover_each_level_and_are_a_function_of_seed_and_epoch():
+    batches = epoch_batches({"clip": 5, "segment": 2, "video": 1}, batch_size=2, seed=0, epoch=1, world=1)
+    assert [level for level, _ in batches] == ["clip", "segment", "video", "clip", "clip"]
+    assert sorted(i for level, idx in batches if level == "clip" for i in idx) == [0, 1, 2, 3, 4]
+    assert batches == epoch_batches({"clip": 5, "segment": 2, "video": 1}, 2, seed=0, epoch=1, world=1)
+    assert batches != epoch_batches({"clip": 5, "segment": 2, "video": 1}, 2, seed=0, epoch=2, world=1)
+    # two workers: a batch of one example cannot be split, so it is dropped
+    two = epoch_batches({"clip": 5, "segment": 2, "video": 1}, batch_size=2, seed=0, epoch=1, world=2)
+    assert [level for level, _ in two] == ["clip", "segment", "clip"]
+
+
+@pytest.mark.parametrize("level", ["clip", "segment", "video"])
+def test_official_freezing_trains_the_reference_trainable_set(level):
+    manifest = json.loads((REFERENCE / f"videorecap_{level}.json").read_text())
+    with torch.device("meta"):
+        model = RecapModel(RecapConfig.preset(level))
+    set_trainable(model, "official")
+    assert ({n for n, p in model.named_parameters() if p.requires_grad}
+            == {k.removeprefix("module.") for k in manifest["trainable"]})
+
+    set_trainable(model, "none")
+    decayed, not_decayed = param_groups(model, weight_decay=0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.ndim == 2 and not names[id(p)].endswith("_queries") for p in decayed["params"])
+    assert {"video_queries", "text_decoder.transformer.h.0.alpha_cattn", "text_decoder.transformer.h.0.ln_1.weight",
+            "text_decoder.transformer.h.0.attn.c_attn.bias"} <= {names[id(p)] for p in not_decayed["params"]}
+    assert not any(n.startswith("vision_model.") for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_missing_inputs_fail_naming_what_to_run(store):
+    with pytest.raises(ValueError, match="--init-from a checkpoint, or train everything with --freeze none"):
+        run(store, freeze="official")
+    with pytest.raises(FileNotFoundError, match=r"features tsf-base-\w+ are missing for 5 of 5 videos .*"
+                                                r"run `recap features`"):
+        run(store, encoder="tsf-base")
+
+
+@pytest.mark.slow
+def test_two_ray_train_workers(store, tmp_path):
+    toml = config_file(tmp_path / "train.toml", store, epochs=1)
+    proc = recap("train", "--config", str(toml), "--workers", "2")
+    assert "on 2 worker(s)" in proc.stderr and proc.stderr.count("epoch 1/1 | train loss") == 1
+    latest = store.read_json("checkpoints/clip/latest.json")["path"]
+    model, _ = checkpoint.load(store.abs(latest))
+    assert model.config.level == "clip"
+    losses = pq.read_table(store.abs(f"{latest.rsplit('/', 1)[0]}/losses.parquet")).to_pandas()
+    assert len(losses[losses["split"] == "train"]) == 9  # global batches of 8, each split over the 2 workers
