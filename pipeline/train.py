@@ -29,7 +29,7 @@ from pipeline.config import Config
 from stages.captions import LEVEL_STAGE, weights_id, write_latest
 from stages.features import FeaturesStage
 from stages.train import (
-    Item, TrainPlan, epoch_dir, last_epoch, level_config, sized_config, train_worker,
+    FREEZE, SIZES, Item, TrainPlan, epoch_dir, last_epoch, level_config, sized_config, train_worker,
 )
 from store import LEVELS, Store, fingerprint, read_captions, read_groundtruth
 
@@ -95,8 +95,9 @@ def train(config: Config, store: Store, level: str, *, init_from: str | None = N
 def _check_arguments(settings, store: Store, level: str, init_from: str | None) -> None:
     if level not in CURRICULUM:
         raise ValueError(f"unknown level {level!r}; expected one of {', '.join(CURRICULUM)}")
-    if settings.lower not in LOWER_SOURCES:
-        raise ValueError(f"train.lower must be one of {', '.join(LOWER_SOURCES)}, got {settings.lower!r}")
+    for name, known in (("size", SIZES), ("freeze", FREEZE), ("lower", LOWER_SOURCES)):
+        if getattr(settings, name) not in known:
+            raise ValueError(f"train.{name} must be one of {', '.join(known)}, got {getattr(settings, name)!r}")
     if settings.freeze == "official" and not init_from:
         raise ValueError("freeze 'official' trains only cross-attention, layer norms and queries, so GPT-2 keeps "
                          "its random init and cannot learn language: pass --init-from a checkpoint, or train "
