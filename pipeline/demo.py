@@ -1,37 +1,145 @@
-"""The main job on the embedded synthetic corpus, end to end, resumable at every step."""
+"""The main job on the embedded synthetic corpus, end to end; every step is resumable.
+
+synth -> ingest -> features -> train clip -> clip captions -> train segment (on predicted
+clip captions) -> segment descriptions -> train video -> summaries -> evaluate (test split),
+then a table per level against two baselines: the most frequent training caption, and a
+non-recursive model (same training, no lower-level text) at the segment and video levels.
+"""
 
 from __future__ import annotations
 
+import json
 import sys
+import time
+from collections import Counter
+from dataclasses import replace
 from pathlib import Path
+
+import torch
 
 import synth
 from pipeline.config import Config, load_config
 from pipeline.ingest import ingest_hcap
 from pipeline.progress import Summary
 from pipeline.runner import run_stage
-from pipeline.status import format_status, status_rows
+from pipeline.train import train
+from stages.captions import ClipCaptionStage, SegmentStage, SummaryStage
+from stages.evaluate import evaluate_level, evaluate_pairs, meteor_scorer, write_metrics
 from stages.features import FeaturesStage
-from store import Store
+from store import LEVELS, Store, read_groundtruth
 
-# Small enough for 2 CPU cores; the synthetic frames are 128 px, the tiny encoder reads 32 px.
-DEMO_SETTINGS = {"features": {"encoder": "tsf-tiny", "tokens": True, "batch_size": 32}}
+PROTOCOL = "videorecap"
+METRICS = ("CIDEr", "ROUGE_L", "METEOR")
+
+# Sized for 2 CPU cores: the synthetic frames are 128 px, the tiny encoder reads 32 px, the
+# `demo` model is a few-layer GPT-2 trained from scratch (so everything trains, not the official
+# frozen subset that assumes pretrained GPT-2 weights).
+DEMO_SETTINGS = {
+    "features": {"encoder": "tsf-tiny", "tokens": True, "batch_size": 32},
+    "train": {"size": "demo", "freeze": "none", "lower": "predicted", "batch_size": 16, "lr": 5e-4,
+              "warmup_frac": 0.05, "vocab_size": 600},
+    "captions": {"batch_size": 128},
+}
+# Fewer examples at higher levels (2144 clips, 260 segments, 64 videos in train): more epochs.
+EPOCHS = {"clip": 10, "segment": 20, "video": 40}
 
 
-def demo_config(store: str) -> Config:
-    return load_config(store=store, **DEMO_SETTINGS)
+def demo_config(store: str, segment_s: float) -> Config:
+    return load_config(store=store, windows={"segment_s": segment_s}, **DEMO_SETTINGS)
 
 
-def run_demo(store_root: str, data: Path, preset: str = "demo", seed: int = 0, stream=sys.stderr) -> list[Summary]:
-    config = demo_config(store_root)
+def _with(config: Config, section: str, **values) -> Config:
+    return replace(config, **{section: replace(getattr(config, section), **values)})
+
+
+def run_demo(store_root: str, data: Path, preset: str = "demo", seed: int = 0,
+             stream=sys.stderr) -> list[Summary]:
+    # One thread: on 2 cores, torch's second thread fights Ray workers and decoding and makes
+    # small-model training steps up to 10x slower.
+    torch.set_num_threads(1)
+    start = time.monotonic()
+    step = lambda text: print(f"[demo] {text} ({time.monotonic() - start:.0f} s)", file=stream, flush=True)
+    step(f"corpus: synthetic '{preset}' preset, seed {seed}, in {data}")
+    synth.generate(preset, data, seed=seed)
+    segment_s = float(json.loads((data / "manifest.json").read_text())["segment_s"])
+    config = demo_config(store_root, segment_s)
     store = Store(config.store)
-    print(f"[demo] corpus: synthetic '{preset}' preset, seed {seed}, in {data}", file=stream)
-    synth.generate(preset, data, seed=seed,
-                   progress=lambda done, total: done == total and print(f"[synth] {total} videos", file=stream))
     summaries = [ingest_hcap(store, str(data), str(data / "videos"), stream=stream)]
-    stages = [FeaturesStage(config.features, config.windows)]
-    for stage in stages:
-        summaries.append(run_stage(stage, store, executor=config.run.executor, address=config.run.address or None,
-                                   max_retries=config.run.max_retries, stream=stream))
-    print(f"store: {store.root}\n" + format_status(status_rows(store, stages)), file=sys.stdout)
+
+    def stage_run(stage):
+        summaries.append(run_stage(stage, store, executor=config.run.executor, max_retries=config.run.max_retries,
+                                   stream=stream))
+        return stage
+
+    features = stage_run(FeaturesStage(config.features, config.windows))
+    chain = {"features": features}
+    lower_stage = features
+    for level, stage_cls in (("clip", ClipCaptionStage), ("segment", SegmentStage), ("video", SummaryStage)):
+        step(f"train {level}")
+        init = store.abs(chain[f"{_below(level)}-checkpoint"]) if level != "clip" else None
+        lower = [lower_stage.version()] if level != "clip" else []
+        trained = train(_with(config, "train", epochs=EPOCHS[level]), store, level, init_from=init,
+                        lower_versions=lower, stream=stream)
+        chain[f"{level}-checkpoint"] = trained.checkpoint
+        level_cfg = _with(config, "captions", **{f"{level}_checkpoint": store.abs(trained.checkpoint)})
+        step(f"caption {level}")
+        lower_stage = stage_run(stage_cls(level_cfg, store, lower_stage))
+        chain[level] = lower_stage
+
+    baselines, init = {}, chain["clip-checkpoint"]
+    for level in ("segment", "video"):  # the same curriculum, without the lower level's text
+        step(f"train non-recursive {level} (no lower-level text)")
+        flat = _with(config, "train", epochs=EPOCHS[level], recursive=False)
+        trained = train(flat, store, level, init_from=store.abs(init), stream=stream)
+        init = trained.checkpoint
+        level_cfg = _with(config, "captions", **{f"{level}_checkpoint": store.abs(trained.checkpoint)})
+        baselines[level] = stage_run(
+            (SegmentStage if level == "segment" else SummaryStage)(level_cfg, store, chain[_below(level)]))
+
+    step("evaluate on the test split")
+    table = evaluation_table(store, {lvl: chain[lvl] for lvl in LEVELS}, baselines)
+    print(format_table(table), file=sys.stdout)
+    step("done")
     return summaries
+
+
+def _below(level: str) -> str:
+    return {"segment": "clip", "video": "segment"}[level]
+
+
+def frequent_caption(store: Store, level: str) -> str:
+    """The most frequent training caption of a level (ties: the alphabetically first)."""
+    counts = Counter(read_groundtruth(store, level, "train")["text"].to_pylist())
+    return min(counts, key=lambda text: (-counts[text], text))
+
+
+def evaluation_table(store: Store, ours: dict, non_recursive: dict) -> list[dict]:
+    """Rows (level, method, CIDEr, ROUGE_L, METEOR) on the test split; also written to metrics/demo.parquet."""
+    rows, frames = [], []
+    with meteor_scorer() as meteor:
+        for level in LEVELS:
+            refs = read_groundtruth(store, level, "test")["text"].to_pylist()
+            frequent = evaluate_pairs([frequent_caption(store, level)] * len(refs), refs, PROTOCOL, meteor)
+            rows.append({"level": level, "method": "most frequent training caption", **frequent})
+            candidates = [("non-recursive (no lower-level text)", non_recursive.get(level)),
+                          ("Video ReCap (recursive)", ours[level])]
+            for method, stage in candidates:
+                if stage is None:
+                    continue
+                scores = evaluate_level(store, level, stage.version(), "test", PROTOCOL, meteor=meteor)
+                frames.append(scores)
+                corpus = scores[scores["video_id"].isna()].set_index("metric")["value"]
+                rows.append({"level": level, "method": method, **{m: float(corpus[m]) for m in METRICS}})
+    import pandas as pd
+
+    write_metrics(store, pd.concat(frames, ignore_index=True), "demo")
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"Test split, protocol '{PROTOCOL}', scores x100"]
+    for level in LEVELS:
+        lines += ["", f"{level:<8} {'method':<38} {'CIDEr':>7} {'ROUGE-L':>8} {'METEOR':>7}"]
+        for r in (r for r in rows if r["level"] == level):
+            lines.append(f"{'':<8} {r['method']:<38} {r['CIDEr']:>7.1f} {r['ROUGE_L']:>8.1f} {r['METEOR']:>7.1f}")
+    return "\n".join(lines)
