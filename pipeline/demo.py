@@ -23,7 +23,7 @@ from pipeline.ingest import ingest_hcap
 from pipeline.progress import Summary
 from pipeline.runner import run_stage
 from pipeline.train import train
-from stages.captions import ClipCaptionStage, SegmentStage, SummaryStage
+from stages.captions import ClipCaptionStage, SegmentStage, SummaryStage, write_latest
 from stages.evaluate import evaluate_level, evaluate_pairs, meteor_scorer, write_metrics
 from stages.features import FeaturesStage
 from store import LEVELS, Store, read_groundtruth
@@ -96,6 +96,8 @@ def run_demo(store_root: str, data: Path, preset: str = "demo", seed: int = 0,
         baselines[level] = stage_run(
             (SegmentStage if level == "segment" else SummaryStage)(level_cfg, store, chain[_below(level)]))
 
+    for level in LEVELS:  # the baselines trained last: caption commands default to the recursive models again
+        write_latest(store, level, chain[f"{level}-checkpoint"])
     step("evaluate on the test split")
     table = evaluation_table(store, {lvl: chain[lvl] for lvl in LEVELS}, baselines)
     print(format_table(table), file=sys.stdout)
