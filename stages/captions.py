@@ -133,6 +133,7 @@ class CaptionStage(Stage):
 
     def setup(self) -> None:
         if self.model is None:
+            torch.set_num_threads(max(1, int(self.resources.cpus)))  # what Ray gives an actor
             c = self.cfg.captions
             self.model, self.tokenizer = load_captioner(self.checkpoint, c.tokenizer, c.device)
 

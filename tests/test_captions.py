@@ -157,3 +157,20 @@ def test_ray_run_equals_local_run(featured_store, checkpoints, tmp_path):
     run_all(configs[1], stores[1], local=True)
     assert caption_tables(stores[0], configs[0]) == caption_tables(stores[1], configs[1])
     assert json.loads(json.dumps(caption_tables(stores[0], configs[0])))["video"]
+
+
+def test_clip_captions_from_pixels_when_tokens_were_not_stored(featured_store, checkpoints, tmp_path):
+    store = copy_store(featured_store, tmp_path / "s")
+    cfg = config_for(store.root, checkpoints)
+    no_tokens = load_config(store=store.root, features={"encoder": "tsf-tiny", "batch_size": 8, "tokens": False},
+                            windows={"segment_s": 24.0},
+                            captions={f"{k}_checkpoint": v for k, v in checkpoints.items()})
+    stages = build_stages(no_tokens, store)
+    assert run_stage(stages[0], store, executor="local").done == 6
+    assert not stages[0].feature_set(store).has_tokens(read_videos(store)[0]["video_id"])
+    assert run_stage(stages[1], store, executor="local").done == 6  # clip captions, tokens from pixels
+    from_pixels = read_captions(store, "clip", stages[1].version())
+    run_all(cfg, store, local=True, evaluate=False)
+    from_tokens = read_captions(store, "clip", build_stages(cfg, store)[1].version())
+    key = lambda t: sorted(zip(t["video_id"].to_pylist(), t["start_s"].to_pylist(), t["end_s"].to_pylist()))
+    assert key(from_pixels) == key(from_tokens)  # every window, same windows
