@@ -46,8 +46,9 @@ def ray_head():
                              "--dashboard-port", str(dashboard), "--temp-dir", temp],
                             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{dashboard}"
-    deadline = time.monotonic() + 90
-    while subprocess.run([str(ray), "job", "list", "--address", url], env=env, capture_output=True).returncode:
+    deadline = time.monotonic() + 180
+    ready = [str(ray), "job", "submit", "--address", url, "--", "true"]  # the job agent too, not just the API
+    while subprocess.run(ready, env=env, capture_output=True).returncode:
         if time.monotonic() > deadline or proc.poll() is not None:
             _stop(proc, temp)
             pytest.fail("Ray head did not come up")
