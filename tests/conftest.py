@@ -67,3 +67,14 @@ def tiny_corpus(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("corpus") / "tiny"
     synth.generate("tiny", out, seed=0)
     return out
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: thread hand-offs cost more than the math (100x on a busy 2-core machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

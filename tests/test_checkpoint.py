@@ -17,13 +17,7 @@ CAPTIONS = ["#C C picks up the knife", "#C C cuts the onion with the knife", "#C
             "#O a woman opens the fridge", "#C C puts the onion on the plate"] * 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: thread hand-offs cost more than the math (100x on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

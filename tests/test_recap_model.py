@@ -16,13 +16,7 @@ HEADS = {"n_head": 4, "qformer_num_heads": 4}  # official files do not record he
 OVERRIDES = {"clip": {**HEADS, "vision": {"num_heads": 4}}, "segment": HEADS, "video": HEADS}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: thread hand-offs cost more than the math (100x on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)
