@@ -57,14 +57,43 @@ class WindowReader:
                                      max(size, math.ceil(height * scale - 1e-6)), threads)
         starts = self.reader.get_frame_timestamp(np.arange(self.num_frames))[:, 0]
         self.indices = frame_indices(sample_times(windows, frames_per_window), starts)
+        self._keys = np.asarray(self.reader.get_key_indices(), dtype=np.int64)
+        self._pos: int | None = None  # index of the frame the reader decodes next, when known
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """uint8 [stop - start, frames, size, size, 3] for windows [start, stop)."""
         wanted = self.indices[start:stop]
         unique, inverse = np.unique(wanted, return_inverse=True)  # sorted: decoded in stream order
-        frames = self.reader.get_batch(unique.tolist()).asnumpy()
-        frames = center_crop(frames, self.size)
+        frames = center_crop(np.stack([self._frame(int(i)) for i in unique]), self.size)
         return np.ascontiguousarray(frames[inverse.reshape(wanted.shape)])
+
+    def _frame(self, i: int) -> np.ndarray:
+        """Frame i, decoding forward from the last one read when it is at most one keyframe ahead.
+
+        decord's `get_batch` seeks (rewind to frame 0, seek to the keyframe, decode it to check
+        the landing) every time the next index is past a keyframe: clip windows cross one every
+        few seconds, and that seek cost 2-3x the decoding of small videos (bench/features.py).
+        Decoding on instead gives the same frames; a backward or longer jump still seeks the
+        way `get_batch` does."""
+        keys, pos = self._keys, self._pos
+        if pos is None or i < pos or np.searchsorted(keys, i, "right") - np.searchsorted(keys, pos, "right") > 1:
+            self.reader.seek_accurate(i)  # what get_batch does for an index it cannot reach by skipping
+        elif i > pos:
+            key = keys[np.searchsorted(keys, i, "right") - 1]
+            if key > pos:  # cross the keyframe by decoding up to it: skip_frames would seek to it
+                if key - 1 > pos:
+                    self.reader.skip_frames(int(key - 1 - pos))
+                self.reader.next()
+                pos = int(key)
+            if i > pos:
+                self.reader.skip_frames(i - pos)  # within one keyframe interval: decodes, no seek
+        self._pos = None  # unknown until the frame is read
+        try:
+            frame = self.reader.next().asnumpy()
+        except StopIteration:  # get_batch fails the same way, as a DECORDError
+            raise decord.DECORDError(f"Error getting frame at: {i} with total frames: {self.num_frames}") from None
+        self._pos = i + 1
+        return frame
 
 
 def _scaled_reader(path: str, width: int, height: int, threads: int) -> decord.VideoReader:
