@@ -12,8 +12,9 @@ Sections, all in this one command:
    --quick), reader opening not timed; all but the torch resize are checked byte for byte against the first.
 2. Throughput in windows/s per encoder (tsf-tiny, all windows; TimeSformer-B = tsf-base at full size
    with random weights, first 32 windows only: it runs at well under 1 window/s on 2 CPU cores) and
-   video (`hour`: 60 min 128x128 8 fps; `hd`: 182 s 1280x720 30 fps H.264), at torch's default
-   thread count (what an in-process run gets) and at 1 thread (what a Ray worker gets):
+   video (`hour`: 60 min 128x128 8 fps; `hd`: 182 s 1280x720 30 fps H.264), at the torch threads
+   the stage's setup() sets (1 per reserved CPU, as a Ray actor gets), and for tsf-tiny on `hour`
+   also at torch's default (all cores, what an in-process run had before commit d713843):
    - decode: the stage's decode path alone (a `WindowReader` per 128-window chunk, batches of 16),
    - encode: `encoder.encode` on the same frames, pre-decoded, batches of 16,
    - pipeline: `FeaturesStage.prepare` + `process` (= `_encode_chunk`: decode of the next batch in
@@ -26,8 +27,8 @@ Sections, all in this one command:
    (all threads of this process) shows the work done, which load from elsewhere disturbs less
    than wall time. The four run
    round-robin, best of 3 rounds (a run over 20 s is not repeated; tsf-base: 1 round). A second
-   table simulates the change proposed for stages/features.py (1 torch thread beside the decode
-   thread, one reader per video reused across its chunks) by patching the stage's WindowReader.
+   table simulates the change proposed for stages/features.py (one reader per video, reused across
+   its chunks by a worker) by patching the stage's WindowReader.
 3. Peak memory (RSS high-water of a fresh process) of the real stage, `run_stage(executor="local")`,
    tsf-tiny with tokens, on a 10-minute and a 60-minute video, and their ratio.
 4. `recap ingest` + `recap features --encoder tsf-tiny` (CLI, Ray, default workers) on the hour video.
@@ -331,28 +332,32 @@ def throughput(paths: dict, quick: bool, scratch: Path) -> None:
     default_threads = torch.get_num_threads()
     base_windows = 8 if quick else 32
     tiny_hour = 256 if quick else None
-    # (encoder, video, windows or None = all, torch threads, also run the proposed variant)
-    cases = [("tsf-tiny", "hour", tiny_hour, default_threads, False), ("tsf-tiny", "hour", tiny_hour, 1, True),
-             ("tsf-tiny", "hd", None, default_threads, False), ("tsf-tiny", "hd", None, 1, True),
-             ("tsf-base", "hour", base_windows, default_threads, False),
-             ("tsf-base", "hd", base_windows, default_threads, False), ("tsf-base", "hd", base_windows, 1, False)]
-    rows, proposed, notes, encoders = [], [], [], {}
+    # (encoder, video, windows or None = all, torch threads or None = what the stage's setup() sets,
+    #  also run the proposed variant)
+    cases = [("tsf-tiny", "hour", tiny_hour, None, True), ("tsf-tiny", "hd", None, None, True),
+             ("tsf-tiny", "hour", tiny_hour, default_threads, False),
+             ("tsf-base", "hour", base_windows, None, False), ("tsf-base", "hd", base_windows, None, False)]
+    rows, proposed, notes = [], [], []
     try:
         for name, video, limit, threads, also_proposed in cases:
-            torch.set_num_threads(threads)
             path = paths[video]
             windows = window_times(duration(path))
             n = len(windows) if limit is None else min(limit, len(windows))
             spec = describe_encoder(name)
-            log(f"throughput: {name} on {video}, {n} windows, {threads} torch threads ({load()})")
-            if name not in encoders:
-                encoders[name] = build_encoder(name)
-            encoder = encoders[name]
-            (_, _), (frames, opening) = measure(lambda: decode_only(path, spec.image_size, windows, n))
-            indices = _reader(path, spec.image_size, windows).indices
             cfg = load_config(features={"encoder": name})
             stage = FeaturesStage(cfg.features, cfg.windows)
-            stage.encoder = encoder  # what setup() builds: the same seeded random weights
+            if threads is None:  # the stage as users run it: setup() builds the encoder and sets torch threads
+                torch.set_num_threads(default_threads)
+                stage.setup()
+                threads = f"{torch.get_num_threads()} (stage)"
+            else:  # torch's default beside the decode thread: the stage before d713843 when run in-process
+                torch.set_num_threads(threads)
+                stage.encoder = build_encoder(name)
+                threads = f"{threads} (torch default)"
+            encoder = stage.encoder
+            log(f"throughput: {name} on {video}, {n} windows, {threads} torch threads ({load()})")
+            (_, _), (frames, opening) = measure(lambda: decode_only(path, spec.image_size, windows, n))
+            indices = _reader(path, spec.image_size, windows).indices
             measures = {
                 "decode": timed(lambda: decode_only(path, spec.image_size, windows, n)),
                 "encode": timed(lambda: encode_only(encoder, frames)),
@@ -379,8 +384,8 @@ def throughput(paths: dict, quick: bool, scratch: Path) -> None:
                 proposed.append((name, video, n, threads, d1, enc, p1, nv, p1 / min(d1, enc), p1 / nv,
                                  cpu["pipeline, reused reader"], cpu["naive"]))
             chunks = len(range(0, n, CHUNK))
-            notes.append(f"{name} on {video}, {threads} threads: opening {chunks} reader(s) (one per {CHUNK}-window "
-                         f"chunk) took {opening:.2f} s, {100 * opening * dec / n:.0f}% of the decode time")
+            notes.append(f"{name} on {video}, {threads} torch threads: opening {chunks} reader(s) (one per "
+                         f"{CHUNK}-window chunk) took {opening:.2f} s, {100 * opening * dec / n:.0f}% of the decode time")
     finally:
         torch.set_num_threads(default_threads)
     print(f"\n## Throughput, windows/s: the stage as it is (tsf-base: random weights, full size, first "
@@ -391,12 +396,13 @@ def throughput(paths: dict, quick: bool, scratch: Path) -> None:
     for name, video, n, threads, dec, enc, pipe, nv, eff, up, cpu_pipe, cpu_naive in rows:
         print(f"| {name} | {video} | {n} | {threads} | {dec:.1f} | {enc:.1f} | {pipe:.2f} | {nv:.2f} | {eff:.2f} | "
               f"{up:.2f}x | {cpu_pipe:.1f} / {cpu_naive:.1f} |")
-    print(f"efficiency = pipeline / min(decode, encode); speed-up = pipeline / naive. {default_threads} torch threads "
-          f"is torch's default here, what run_stage(executor='local') and `recap features --local` get; a Ray "
-          f"worker gets 1 (Ray sets OMP_NUM_THREADS to the actor's num_cpus = 1).")
+    print(f"efficiency = pipeline / min(decode, encode); speed-up = pipeline / naive; encode and naive run at the "
+          f"pipeline's torch threads: the stage's setup() sets as many as the CPUs it reserves (1), as Ray does for "
+          f"an actor; '{default_threads} (torch default)' is what an in-process run got before commit d713843.")
     for note in notes:
         print(f"- {note}")
-    print("\n## Proposed stages/features.py change, simulated: 1 torch thread and one reader per video per worker")
+    print("\n## Proposed stages/features.py change, simulated: one reader per video per worker, reused across its "
+          "chunks")
     print(header.format(pipe="pipeline, reused reader").replace("| decode |", "| decode, one reader |"))
     for name, video, n, threads, dec, enc, pipe, nv, eff, up, cpu_pipe, cpu_naive in proposed:
         print(f"| {name} | {video} | {n} | {threads} | {dec:.1f} | {enc:.1f} | {pipe:.2f} | {nv:.2f} | {eff:.2f} | "

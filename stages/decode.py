@@ -72,10 +72,11 @@ class WindowReader:
 
         decord's `get_batch` seeks (rewind to frame 0, seek to the keyframe, decode it to check
         the landing) every time the next index is past a keyframe: clip windows cross one every
-        few seconds, and that seek cost 2-3x the decoding of small videos (bench/features.py).
-        Decoding on instead gives the same frames; a backward or longer jump still seeks the
-        way `get_batch` does."""
+        few seconds, and on the 128x128 hour video those seeks made reading take 1.8-3.6x the CPU
+        time of decoding straight on (bench/features.py), more under load. Decoding on gives the
+        same frames; a backward or longer jump still seeks the way `get_batch` does."""
         keys, pos = self._keys, self._pos
+        self._pos = None  # unknown until frame i is read: a failed call leaves the next read to seek
         if pos is None or i < pos or np.searchsorted(keys, i, "right") - np.searchsorted(keys, pos, "right") > 1:
             self.reader.seek_accurate(i)  # what get_batch does for an index it cannot reach by skipping
         elif i > pos:
@@ -87,7 +88,6 @@ class WindowReader:
                 pos = int(key)
             if i > pos:
                 self.reader.skip_frames(i - pos)  # within one keyframe interval: decodes, no seek
-        self._pos = None  # unknown until the frame is read
         try:
             frame = self.reader.next().asnumpy()
         except StopIteration:  # get_batch fails the same way, as a DECORDError
