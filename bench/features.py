@@ -100,7 +100,8 @@ def duration(path: str) -> float:
 def describe(path: str) -> str:
     vr = decord.VideoReader(path, num_threads=1)
     h, w = vr[0].shape[:2]
-    return f"{w}x{h} {vr.get_avg_fps():g} fps {len(vr)} frames, keyframe every {np.diff(vr.get_key_indices()).mean():.0f}"
+    gop = np.diff(vr.get_key_indices()).mean()
+    return f"{w}x{h} {vr.get_avg_fps():g} fps {len(vr)} frames, keyframe every {gop:.0f}"
 
 
 def measure(fn):
@@ -385,7 +386,8 @@ def throughput(paths: dict, quick: bool, scratch: Path) -> None:
                                  cpu["pipeline, reused reader"], cpu["naive"]))
             chunks = len(range(0, n, CHUNK))
             notes.append(f"{name} on {video}, {threads} torch threads: opening {chunks} reader(s) (one per "
-                         f"{CHUNK}-window chunk) took {opening:.2f} s, {100 * opening * dec / n:.0f}% of the decode time")
+                         f"{CHUNK}-window chunk) took {opening:.2f} s, {100 * opening * dec / n:.0f}% of the "
+                         f"decode time")
     finally:
         torch.set_num_threads(default_threads)
     print(f"\n## Throughput, windows/s: the stage as it is (tsf-base: random weights, full size, first "
