@@ -1,6 +1,6 @@
 """Features-stage benchmark: decode, encode, the real pipeline and a naive loop, on the same windows.
 
-    .venv/bin/python bench/features.py [--quick] [--no-cli] [--data data/bench]
+    .venv/bin/python bench/features.py [--quick] [--no-cli] [--only SECTION] [--data data/bench]
 
 Sections, all in this one command:
 
@@ -12,23 +12,23 @@ Sections, all in this one command:
    --quick), reader opening not timed; all but the torch resize are checked byte for byte against the first.
 2. Throughput in windows/s per encoder (tsf-tiny, all windows; TimeSformer-B = tsf-base at full size
    with random weights, first 32 windows only: it runs at well under 1 window/s on 2 CPU cores) and
-   video (`hour`: 60 min 128x128 8 fps; `hd`: 182 s 1280x720 30 fps H.264), at the torch threads
+   video (`hour`: 60 min 128x128 8 fps; `hd`: 182 s 1280x720 30 fps H.264, both with the synthetic
+   corpus's keyframe at every window start; `hd-x264`: `hd` re-encoded with x264's defaults, a keyframe
+   every 250 frames and B-frames, scene-cut keyframes off), at the torch threads
    the stage's setup() sets (1 per reserved CPU, as a Ray actor gets), and for tsf-tiny on `hour`
    also at torch's default (all cores, what an in-process run had before commit d713843):
-   - decode: the stage's decode path alone (a `WindowReader` per 128-window chunk, batches of 16),
+   - decode: the stage's decode path alone (one `WindowReader` per video, batches of 16),
    - encode: `encoder.encode` on the same frames, pre-decoded, batches of 16,
    - pipeline: `FeaturesStage.prepare` + `process` (= `_encode_chunk`: decode of the next batch in
      a thread overlapping the encode of this one, tokens and CLS into Zarr, commit) per unit in a
      temporary store, the path `run_stage(..., executor="local")` runs; the encoder is built first,
    - naive: one full-resolution reader, each window decoded alone (`get_batch` of its 4 frames:
-     decord seeks), resized (antialiased bilinear) and cropped in torch, encoded alone (batch 1);
+     decord seeks to the window's keyframe when one lies between it and the last frame read), resized (antialiased bilinear) and cropped in torch, encoded alone (batch 1);
      its CLS rows are kept in memory, nothing is written.
    efficiency = pipeline / min(decode, encode); speed-up = pipeline / naive; CPU ms per window
    (all threads of this process) shows the work done, which load from elsewhere disturbs less
    than wall time. The four run
-   round-robin, best of 3 rounds (a run over 20 s is not repeated; tsf-base: 1 round). A second
-   table simulates the change proposed for stages/features.py (one reader per video, reused across
-   its chunks by a worker) by patching the stage's WindowReader.
+   round-robin, best of 3 rounds (a run over 20 s is not repeated; tsf-base: 1 round).
 3. Peak memory (RSS high-water of a fresh process) of the real stage, `run_stage(executor="local")`,
    tsf-tiny with tokens, on a 10-minute and a 60-minute video, and their ratio.
 4. `recap ingest` + `recap features --encoder tsf-tiny` (CLI, Ray, default workers) on the hour video.
@@ -89,7 +89,31 @@ def corpus(data: Path) -> dict[str, str]:
         (video,) = sorted((out / "videos").glob("*.mp4"))
         paths[key] = str(video)
         log(f"corpus {key}: {video} ({time.perf_counter() - t:.1f} s)")
+    paths["hd-x264"] = str(data / "hd-x264.mp4")
+    if not os.path.exists(paths["hd-x264"]):
+        reencode_x264_defaults(paths["hd"], paths["hd-x264"])
     return paths
+
+
+def reencode_x264_defaults(src: str, dst: str) -> None:
+    """`src` as x264 writes it by default (keyint 250, 3 B-frames), scene-cut keyframes off: the
+    synthetic scene changes at every 4-s clip, which would put a keyframe at each window again."""
+    import av
+    from fractions import Fraction
+
+    partial = dst + ".partial"
+    with av.open(src) as inp, av.open(partial, "w", format="mp4") as out:
+        v = inp.streams.video[0]
+        stream = out.add_stream("libx264", rate=v.average_rate,
+                                options={"preset": "veryfast", "crf": "18", "x264-params": "scenecut=0"})
+        stream.width, stream.height, stream.pix_fmt = v.width, v.height, "yuv420p"
+        for i, frame in enumerate(inp.decode(v)):
+            frame = frame.reformat(format="yuv420p")
+            # A decoded frame keeps its I/P type, which x264 would obey as a forced keyframe.
+            frame.pts, frame.time_base, frame.pict_type = i, 1 / Fraction(v.average_rate), av.video.frame.PictureType.NONE
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    os.replace(partial, dst)
 
 
 def duration(path: str) -> float:
@@ -236,17 +260,12 @@ def decode_strategies(paths: dict, quick: bool) -> None:
 
 # ---------------------------------------------------------------------------------------- throughput
 
-def decode_only(path: str, size: int, windows: np.ndarray, n: int) -> tuple[np.ndarray, float]:
-    """The stage's decode path without encoding: a reader per 128-window chunk, batches of 16.
-    Returns the frames and the seconds spent opening readers."""
-    out, opening = [], 0.0
-    for c in range(0, n, CHUNK):
-        t = time.perf_counter()
-        r = WindowReader(path, size, 4, windows)
-        opening += time.perf_counter() - t
-        stop = min(c + CHUNK, n)
-        out += [r.read(s, min(s + BATCH, stop)) for s in range(c, stop, BATCH)]
-    return np.concatenate(out), opening
+def decode_only(path: str, size: int, windows: np.ndarray, n: int) -> np.ndarray:
+    """The stage's decode path without encoding: one reader per video (a worker reuses it across the
+    video's chunks), batches of 16 that do not cross a 128-window chunk."""
+    r = WindowReader(path, size, 4, windows)
+    return np.concatenate([r.read(s, min(s + BATCH, c + CHUNK, n)) for c in range(0, n, CHUNK)
+                           for s in range(c, min(c + CHUNK, n), BATCH)])
 
 
 def encode_only(encoder, frames: np.ndarray) -> None:
@@ -294,20 +313,6 @@ def pipeline_run(stage, path: str, n: int, scratch: Path) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
-class ReusedReader:
-    """Stands in for stages.features.WindowReader to simulate the proposed change: a worker keeps
-    the last video's reader and reads every chunk of that video from it."""
-
-    def __init__(self):
-        self.key, self.reader = None, None
-
-    def __call__(self, path, size, frames, windows, threads=1):
-        key = (path, size, frames, windows.tobytes(), threads)
-        if key != self.key:
-            self.key, self.reader = key, WindowReader(path, size, frames, windows, threads)
-        return self.reader
-
-
 def rounds(measures: dict, n_rounds: int, slow_s: float = 20.0) -> dict:
     """Run the measures round-robin (so a load spike from elsewhere hits them alike) and keep each
     one's least (wall, CPU) seconds; a measure whose first run took more than slow_s runs only once."""
@@ -327,20 +332,18 @@ def timed(fn):
 
 
 def throughput(paths: dict, quick: bool, scratch: Path) -> None:
-    import stages.features as features_module
     from stages.features import FeaturesStage
 
     default_threads = torch.get_num_threads()
     base_windows = 8 if quick else 32
     tiny_hour = 256 if quick else None
-    # (encoder, video, windows or None = all, torch threads or None = what the stage's setup() sets,
-    #  also run the proposed variant)
-    cases = [("tsf-tiny", "hour", tiny_hour, None, True), ("tsf-tiny", "hd", None, None, True),
-             ("tsf-tiny", "hour", tiny_hour, default_threads, False),
-             ("tsf-base", "hour", base_windows, None, False), ("tsf-base", "hd", base_windows, None, False)]
-    rows, proposed, notes = [], [], []
+    # (encoder, video, windows or None = all, torch threads or None = what the stage's setup() sets)
+    cases = [("tsf-tiny", "hour", tiny_hour, None), ("tsf-tiny", "hd", None, None),
+             ("tsf-tiny", "hd-x264", None, None), ("tsf-tiny", "hour", tiny_hour, default_threads),
+             ("tsf-base", "hour", base_windows, None), ("tsf-base", "hd", base_windows, None)]
+    rows = []
     try:
-        for name, video, limit, threads, also_proposed in cases:
+        for name, video, limit, threads in cases:
             path = paths[video]
             windows = window_times(duration(path))
             n = len(windows) if limit is None else min(limit, len(windows))
@@ -357,7 +360,7 @@ def throughput(paths: dict, quick: bool, scratch: Path) -> None:
                 threads = f"{threads} (torch default)"
             encoder = stage.encoder
             log(f"throughput: {name} on {video}, {n} windows, {threads} torch threads ({load()})")
-            (_, _), (frames, opening) = measure(lambda: decode_only(path, spec.image_size, windows, n))
+            frames = decode_only(path, spec.image_size, windows, n)
             indices = _reader(path, spec.image_size, windows).indices
             measures = {
                 "decode": timed(lambda: decode_only(path, spec.image_size, windows, n)),
@@ -365,50 +368,24 @@ def throughput(paths: dict, quick: bool, scratch: Path) -> None:
                 "pipeline": lambda: pipeline_run(stage, path, n, scratch),
                 "naive": timed(lambda: naive(path, encoder, indices, n)),
             }
-            if also_proposed:
-                def reused_run():
-                    features_module.WindowReader = ReusedReader()
-                    try:
-                        return pipeline_run(stage, path, n, scratch)
-                    finally:
-                        features_module.WindowReader = WindowReader
-                measures["decode, one reader"] = timed(lambda: _reader(path, spec.image_size, windows).read(0, n))
-                measures["pipeline, reused reader"] = reused_run
             best = rounds(measures, 1 if name == "tsf-base" else 3)
             rate = {k: n / v[0] for k, v in best.items()}
             cpu = {k: 1000 * v[1] / n for k, v in best.items()}  # ms per window
             dec, enc, pipe, nv = rate["decode"], rate["encode"], rate["pipeline"], rate["naive"]
             rows.append((name, video, f"{n}" + (" (all)" if limit is None else ""), threads, dec, enc, pipe, nv,
                          pipe / min(dec, enc), pipe / nv, cpu["pipeline"], cpu["naive"]))
-            if also_proposed:
-                d1, p1 = rate["decode, one reader"], rate["pipeline, reused reader"]
-                proposed.append((name, video, n, threads, d1, enc, p1, nv, p1 / min(d1, enc), p1 / nv,
-                                 cpu["pipeline, reused reader"], cpu["naive"]))
-            chunks = len(range(0, n, CHUNK))
-            notes.append(f"{name} on {video}, {threads} torch threads: opening {chunks} reader(s) (one per "
-                         f"{CHUNK}-window chunk) took {opening:.2f} s, {100 * opening * dec / n:.0f}% of the "
-                         f"decode time")
     finally:
         torch.set_num_threads(default_threads)
-    print(f"\n## Throughput, windows/s: the stage as it is (tsf-base: random weights, full size, first "
-          f"{base_windows} windows only; batch {BATCH}, {CHUNK}-window units, tokens on, 1 decode thread)")
-    header = ("| encoder | video | windows | torch threads | decode | encode | {pipe} | naive | efficiency | speed-up "
-              "| CPU ms/win {pipe} / naive |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    print(header.format(pipe="pipeline"))
+    print(f"\n## Throughput, windows/s, one worker (tsf-base: random weights, full size, first {base_windows} "
+          f"windows only; batch {BATCH}, {CHUNK}-window units, tokens on, 1 decode thread)")
+    print("| encoder | video | windows | torch threads | decode | encode | pipeline | naive | efficiency | speed-up "
+          "| CPU ms/win pipeline / naive |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, video, n, threads, dec, enc, pipe, nv, eff, up, cpu_pipe, cpu_naive in rows:
         print(f"| {name} | {video} | {n} | {threads} | {dec:.1f} | {enc:.1f} | {pipe:.2f} | {nv:.2f} | {eff:.2f} | "
               f"{up:.2f}x | {cpu_pipe:.1f} / {cpu_naive:.1f} |")
     print(f"efficiency = pipeline / min(decode, encode); speed-up = pipeline / naive; encode and naive run at the "
           f"pipeline's torch threads: the stage's setup() sets as many as the CPUs it reserves (1), as Ray does for "
           f"an actor; '{default_threads} (torch default)' is what an in-process run got before commit d713843.")
-    for note in notes:
-        print(f"- {note}")
-    print("\n## Proposed stages/features.py change, simulated: one reader per video per worker, reused across its "
-          "chunks")
-    print(header.format(pipe="pipeline, reused reader").replace("| decode |", "| decode, one reader |"))
-    for name, video, n, threads, dec, enc, pipe, nv, eff, up, cpu_pipe, cpu_naive in proposed:
-        print(f"| {name} | {video} | {n} | {threads} | {dec:.1f} | {enc:.1f} | {pipe:.2f} | {nv:.2f} | {eff:.2f} | "
-              f"{up:.2f}x | {cpu_pipe:.1f} / {cpu_naive:.1f} |")
 
 
 # -------------------------------------------------------------------------------------------- memory
@@ -467,35 +444,37 @@ def memory(paths: dict, scratch: Path) -> None:
 
 def cli(paths: dict, scratch: Path) -> None:
     recap = str(Path(sys.executable).with_name("recap"))
-    store = Path(tempfile.mkdtemp(dir=scratch)) / "store"
     n = len(window_times(duration(paths["hour"])))
-    walls = {}
-    try:
-        for step, cmd in (("ingest", [recap, "ingest", str(Path(paths["hour"]).parent), "--store", str(store)]),
-                          ("features", [recap, "features", "--store", str(store), "--encoder", "tsf-tiny"])):
+    features = [recap, "features", "--store", "S", "--encoder", "tsf-tiny"]
+    rows = []
+    for cmd in ([recap, "ingest", str(Path(paths["hour"]).parent), "--store", "S"], features, features + ["--local"]):
+        store = Path(tempfile.mkdtemp(dir=scratch)) / "store"
+        try:
+            if cmd[1] == "features":  # a store of its own, so each features run does all the work
+                subprocess.run([recap, "ingest", paths["hour"], "--store", str(store)], check=True, capture_output=True)
             log(f"cli: {' '.join(cmd)} ({load()})")
             t = time.perf_counter()
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            walls[step] = time.perf_counter() - t
-            if done.returncode:
-                print(f"\n{step} failed ({done.returncode}):\n{done.stderr[-2000:]}")
-                return
-            walls[step + "_summary"] = [line for line in done.stderr.splitlines() if line.startswith(f"[{step}] done")]
-    finally:
-        shutil.rmtree(store.parent, ignore_errors=True)
-    print("\n## CLI on the hour video (Ray, default workers), wall time of each command incl. start-up")
-    print("| command | wall s | windows/s |")
-    print("|---|---:|---:|")
-    print(f"| recap ingest DIR --store S | {walls['ingest']:.1f} | |")
-    print(f"| recap features --store S --encoder tsf-tiny | {walls['features']:.1f} | {n / walls['features']:.1f} |")
-    for line in walls.get("features_summary", []):
-        print(f"stage summary: {line}")
+            done = subprocess.run([str(store) if a == "S" else a for a in cmd], capture_output=True, text=True)
+            wall = time.perf_counter() - t
+        finally:
+            shutil.rmtree(store.parent, ignore_errors=True)
+        if done.returncode:
+            print(f"\n{' '.join(cmd[1:])} failed ({done.returncode}):\n{done.stderr[-2000:]}")
+            return
+        summary = [line for line in done.stderr.splitlines() if line.startswith(f"[{cmd[1]}] done")]
+        rows.append((" ".join(["recap"] + cmd[1:]).replace(str(Path(paths["hour"]).parent), "DIR"), wall,
+                     f"{n / wall:.1f}" if cmd[1] == "features" else "", summary[0].replace("|", "·") if summary else ""))
+    print("\n## CLI on the hour video (Ray with default workers, and --local), wall time incl. start-up")
+    print("| command | wall s | windows/s | the stage's own summary |\n|---|---:|---:|---|")
+    for cmd, wall, rate, summary in rows:
+        print(f"| {cmd} | {wall:.1f} | {rate} | {summary} |")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer windows (256 tiny / 8 base), no CLI run")
     parser.add_argument("--no-cli", action="store_true", help="skip the `recap` CLI run")
+    parser.add_argument("--only", choices=("decode", "throughput", "memory", "cli"), help="run one section")
     parser.add_argument("--data", default=str(ROOT / "data" / "bench"), help="where the synthetic videos live")
     parser.add_argument("--memory-child", nargs=2, metavar=("VIDEO", "ROOT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -506,14 +485,16 @@ def main():
     scratch = Path(tempfile.mkdtemp(prefix="bench-features-"))
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), decord {decord.__version__}, "
           f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; {load()} at start")
-    for key in ("hour", "hd", "ten"):
+    for key in ("hour", "hd", "hd-x264", "ten"):
         print(f"- {key}: {Path(paths[key]).name}, {duration(paths[key]):.0f} s, {describe(paths[key])}")
     try:
-        decode_strategies(paths, args.quick)
-        throughput(paths, args.quick, scratch)
-        memory(paths, scratch)
-        if not (args.quick or args.no_cli):
-            cli(paths, scratch)
+        sections = {"decode": lambda: decode_strategies(paths, args.quick),
+                    "throughput": lambda: throughput(paths, args.quick, scratch),
+                    "memory": lambda: memory(paths, scratch),
+                    "cli": lambda: None if args.quick or args.no_cli else cli(paths, scratch)}
+        for name, run in sections.items():
+            if args.only in (None, name):
+                run()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     print(f"\n{load()} at end")

@@ -85,6 +85,25 @@ def test_stage_shapes_windows_and_tokens(store, tmp_path):
     assert (again.done, again.skipped) == (0, 2)
 
 
+def test_reader_reused_across_chunks_in_any_order_gives_the_same_arrays(tmp_path):
+    write_video(tmp_path / "v" / "long.mp4", seconds=60, fps=8, size=(64, 48))  # 15 windows: 4 chunks of 4
+    stores = [Store(tmp_path / "reused"), Store(tmp_path / "fresh")]
+    for s in stores:
+        ingest(s, [str(tmp_path / "v")])
+    reused = tiny_stage(chunk_windows=4)
+    units = reused.plan(stores[0])
+    reused.prepare(stores[0], units)
+    for unit in [units[i] for i in (2, 3, 0, 1)]:  # forward across keyframes, then backward
+        reused.process(unit, stores[0])
+    for unit in units:
+        fresh = tiny_stage(chunk_windows=4)
+        fresh.prepare(stores[1], [unit])
+        fresh.process(unit, stores[1])
+    a, b = (reused.feature_set(s) for s in stores)
+    np.testing.assert_array_equal(a.read_cls("long"), b.read_cls("long"))
+    np.testing.assert_array_equal(a.read_tokens("long", slice(None)), b.read_tokens("long", slice(None)))
+
+
 def test_no_tokens_is_another_feature_set(store, tmp_path):
     write_video(tmp_path / "v" / "a.mp4", seconds=5)
     ingest(store, [str(tmp_path / "v")])
