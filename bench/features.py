@@ -17,8 +17,8 @@ Sections, all in this one command:
    every 250 frames and B-frames, scene-cut keyframes off), at the torch threads
    the stage's setup() sets (1 per reserved CPU, as a Ray actor gets), and for tsf-tiny on `hour`
    also at torch's default (all cores, what an in-process run had before commit d713843):
-   - decode: the stage's decode path alone (one `WindowReader` per video, batches of 16),
-   - encode: `encoder.encode` on the same frames, pre-decoded, batches of 16,
+   - decode: the stage's decode path alone (one `WindowReader` per video, batches of the stage's size: 4 on CPU),
+   - encode: `encoder.encode` on the same frames, pre-decoded, in the same batches,
    - pipeline: `FeaturesStage.prepare` + `process` (= `_encode_chunk`: decode of the next batch in
      a thread overlapping the encode of this one, tokens and CLS into Zarr, commit) per unit in a
      temporary store, the path `run_stage(..., executor="local")` runs; the encoder is built first,
@@ -64,7 +64,7 @@ from stages.base import Unit  # noqa: E402
 from stages.decode import WindowReader, center_crop, window_times  # noqa: E402
 from synth.presets import Preset  # noqa: E402
 
-BATCH, CHUNK = 16, 128  # the features config defaults: windows per encoder call, windows per unit
+BATCH, CHUNK = 16, 128  # windows per read in the decode strategies; windows per unit (the features config default)
 TEN_MIN = Preset("ten", 0, 0, 1, activities_per_video=(3, 3), objects_per_activity=(2, 3), segment_s=200,
                  tail_s=0.0)  # 3 x 200 s: the hour video's look, a sixth of its length
 
@@ -260,17 +260,17 @@ def decode_strategies(paths: dict, quick: bool) -> None:
 
 # ---------------------------------------------------------------------------------------- throughput
 
-def decode_only(path: str, size: int, windows: np.ndarray, n: int) -> np.ndarray:
+def decode_only(path: str, size: int, windows: np.ndarray, n: int, batch: int) -> np.ndarray:
     """The stage's decode path without encoding: one reader per video (a worker reuses it across the
-    video's chunks), batches of 16 that do not cross a 128-window chunk."""
+    video's chunks), batches that do not cross a 128-window chunk."""
     r = WindowReader(path, size, 4, windows)
-    return np.concatenate([r.read(s, min(s + BATCH, c + CHUNK, n)) for c in range(0, n, CHUNK)
-                           for s in range(c, min(c + CHUNK, n), BATCH)])
+    return np.concatenate([r.read(s, min(s + batch, c + CHUNK, n)) for c in range(0, n, CHUNK)
+                           for s in range(c, min(c + CHUNK, n), batch)])
 
 
-def encode_only(encoder, frames: np.ndarray) -> None:
-    for s in range(0, len(frames), BATCH):
-        cls, tokens = encoder.encode(torch.from_numpy(frames[s:s + BATCH]))
+def encode_only(encoder, frames: np.ndarray, batch: int) -> None:
+    for s in range(0, len(frames), batch):
+        cls, tokens = encoder.encode(torch.from_numpy(frames[s:s + batch]))
         cls.numpy(), tokens.numpy()
 
 
@@ -360,11 +360,11 @@ def throughput(paths: dict, quick: bool, scratch: Path) -> None:
                 threads = f"{threads} (torch default)"
             encoder = stage.encoder
             log(f"throughput: {name} on {video}, {n} windows, {threads} torch threads ({load()})")
-            frames = decode_only(path, spec.image_size, windows, n)
+            frames = decode_only(path, spec.image_size, windows, n, stage.batch_size)
             indices = _reader(path, spec.image_size, windows).indices
             measures = {
-                "decode": timed(lambda: decode_only(path, spec.image_size, windows, n)),
-                "encode": timed(lambda: encode_only(encoder, frames)),
+                "decode": timed(lambda: decode_only(path, spec.image_size, windows, n, stage.batch_size)),
+                "encode": timed(lambda: encode_only(encoder, frames, stage.batch_size)),
                 "pipeline": lambda: pipeline_run(stage, path, n, scratch),
                 "naive": timed(lambda: naive(path, encoder, indices, n)),
             }
@@ -377,7 +377,8 @@ def throughput(paths: dict, quick: bool, scratch: Path) -> None:
     finally:
         torch.set_num_threads(default_threads)
     print(f"\n## Throughput, windows/s, one worker (tsf-base: random weights, full size, first {base_windows} "
-          f"windows only; batch {BATCH}, {CHUNK}-window units, tokens on, 1 decode thread)")
+          f"windows only; the stage's batch size ({stage.batch_size} on CPU), {CHUNK}-window units, tokens on, "
+          f"1 decode thread)")
     print("| encoder | video | windows | torch threads | decode | encode | pipeline | naive | efficiency | speed-up "
           "| CPU ms/win pipeline / naive |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, video, n, threads, dec, enc, pipe, nv, eff, up, cpu_pipe, cpu_naive in rows:

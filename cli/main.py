@@ -116,7 +116,7 @@ def features(store: StoreOpt = None, config: ConfigOpt = None,
              checkpoint: Annotated[Optional[str], typer.Option(help="LaViLa .pth or VideoPrism folder")] = None,
              tokens: Annotated[Optional[bool], typer.Option("--tokens/--no-tokens",
                                                            help="Store all tokens per window")] = None,
-             batch_size: Annotated[Optional[int], typer.Option(help="Windows per encoder call")] = None,
+             batch_size: Annotated[Optional[int], typer.Option(help="Windows per encoder call (default 16 on CUDA, 4 on CPU)")] = None,
              device: Annotated[Optional[str], typer.Option(help="cpu | cuda")] = None,
              workers: WorkersOpt = None, address: AddressOpt = None, retry_failed: RetryOpt = False,
              local: LocalOpt = False):

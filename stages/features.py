@@ -30,6 +30,7 @@ class FeaturesStage(Stage):
             raise ValueError(f"features.chunk_windows ({features.chunk_windows}) must be a multiple of "
                              f"features.rows_per_chunk ({features.rows_per_chunk})")
         self.cfg, self.clip_s = features, windows.clip_s
+        self.batch_size = features.batch_size or (16 if features.device.startswith("cuda") else 4)
         self.spec = describe_encoder(features.encoder, features.checkpoint or None)
         gpu = features.device.startswith("cuda")
         self.resources = Resources(cpus=1.0, gpus=1.0 if gpu else 0.0, memory_gb=2.0)
@@ -106,8 +107,7 @@ class FeaturesStage(Stage):
         p = unit.payload
         fs = self.feature_set(store)
         reader = self._open(p["uri"], p["content_id"], windows)
-        batches = [(s, min(s + self.cfg.batch_size, p["stop"])) for s in range(p["start"], p["stop"],
-                                                                                  self.cfg.batch_size)]
+        batches = [(s, min(s + self.batch_size, p["stop"])) for s in range(p["start"], p["stop"], self.batch_size)]
         cls = np.empty((p["stop"] - p["start"], self.spec.dim), np.float16)
         with ThreadPoolExecutor(max_workers=1) as decoder:
             pending = decoder.submit(reader.read, *batches[0])
