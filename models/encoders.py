@@ -16,9 +16,7 @@ from typing import Callable
 
 import torch
 from torch import nn
-from transformers import VideoPrismVisionConfig, VideoPrismVisionModel
 
-from models import videoprism
 from models.timesformer import TimeSformer, TimeSformerConfig
 
 ENCODERS = ("tsf-base", "tsf-tiny", "videoprism", "videoprism-tiny")
@@ -87,12 +85,12 @@ def _timesformer_config(name: str) -> TimeSformerConfig:
     return TimeSformerConfig.base() if name == "tsf-base" else TimeSformerConfig.tiny()
 
 
-def _videoprism_config(name: str, checkpoint: str | Path | None) -> VideoPrismVisionConfig:
-    if checkpoint:
-        if not Path(checkpoint).is_dir():
-            raise FileNotFoundError(f"{checkpoint}: not a VideoPrism model folder (config.json + weights)")
-        return VideoPrismVisionConfig.from_pretrained(checkpoint, local_files_only=True)
-    return VideoPrismVisionConfig() if name == "videoprism" else videoprism.tiny_config()
+def _videoprism():
+    """models.videoprism imports transformers (2 s here): only VideoPrism needs it, so workers that
+    run TimeSformer start without it."""
+    from models import videoprism
+
+    return videoprism
 
 
 def describe_encoder(name: str, checkpoint: str | Path | None = None) -> EncoderSpec:
@@ -102,12 +100,13 @@ def describe_encoder(name: str, checkpoint: str | Path | None = None) -> Encoder
         return EncoderSpec(c.num_frames, c.img_size, c.embed_dim, 1 + c.num_frames * c.num_patches,
                            LAVILA_MEAN, LAVILA_STD)
     if name in ("videoprism", "videoprism-tiny"):
-        c = _videoprism_config(name, checkpoint)
+        vp = _videoprism()
+        c = vp.config(name, checkpoint)
         if not isinstance(c.image_size, int):
             raise ValueError(f"{name}: only square inputs are supported, config has image_size={c.image_size}")
         _, patch_h, patch_w = c.tubelet_size
         tokens = 1 + c.num_frames * (c.image_size // patch_h) * (c.image_size // patch_w)
-        return EncoderSpec(c.num_frames, c.image_size, c.hidden_size, tokens, videoprism.MEAN, videoprism.STD)
+        return EncoderSpec(c.num_frames, c.image_size, c.hidden_size, tokens, vp.MEAN, vp.STD)
     raise ValueError(f"unknown encoder {name!r}; choose from {', '.join(ENCODERS)}")
 
 
@@ -126,9 +125,9 @@ def build_encoder(
         model = TimeSformer.from_lavila(checkpoint, config) if checkpoint else _seeded(seed, TimeSformer, config)
         features = _timesformer_features
     else:
-        model = (videoprism.load(checkpoint) if checkpoint
-                 else _seeded(seed, VideoPrismVisionModel, _videoprism_config(name, None)))
-        features = videoprism.window_features
+        vp = _videoprism()
+        model = vp.load(checkpoint) if checkpoint else _seeded(seed, vp.VideoPrismVisionModel, vp.config(name))
+        features = vp.window_features
     digest = weights_digest(model)
     device = torch.device(device)
     return VideoEncoder(

@@ -41,6 +41,15 @@ def tiny_config() -> VideoPrismVisionConfig:
     )
 
 
+def config(name: str, checkpoint: str | Path | None = None) -> VideoPrismVisionConfig:
+    """A checkpoint folder's own config, else base (`videoprism`) or tiny (`videoprism-tiny`)."""
+    if checkpoint:
+        if not Path(checkpoint).is_dir():
+            raise FileNotFoundError(f"{checkpoint}: not a VideoPrism model folder (config.json + weights)")
+        return VideoPrismVisionConfig.from_pretrained(checkpoint, local_files_only=True)
+    return VideoPrismVisionConfig() if name == "videoprism" else tiny_config()
+
+
 def load(path: str | Path) -> VideoPrismVisionModel:
     """From a local folder written by `save_pretrained` (e.g. a copy of google/videoprism-base-f16r288),
     in float32 whatever the stored dtype."""
