@@ -151,28 +151,33 @@ def _features_cmd(root, config):
 
 
 def test_killed_run_resumes_to_the_same_arrays(tmp_path):
-    write_video(tmp_path / "v" / "long.mp4", seconds=120, fps=8, size=(96, 64))
+    write_video(tmp_path / "v" / "long.mp4", seconds=240, fps=8, size=(96, 64))  # 60 windows: 15 units
     config = tmp_path / "recap.toml"
     config.write_text('[features]\nencoder = "tsf-tiny"\nbatch_size = 4\nchunk_windows = 4\nrows_per_chunk = 4\n')
     roots = [str(tmp_path / "killed"), str(tmp_path / "clean")]
     for root in roots:
         assert run_cli("ingest", str(tmp_path / "v"), "--store", root).returncode == 0
+    version = tiny_stage(chunk_windows=4).version()
+    killed = Store(roots[0])
     rng = random.Random(3)
     killed_mid_run = 0
-    for _ in range(4):
+    for _ in range(4):  # each run commits 1-3 more units, then dies at a random moment after that
+        target = min(len(killed.markers("features", version)) + rng.randint(1, 3), 14)
         proc = subprocess.Popen(_features_cmd(roots[0], config), cwd=REPO, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(2.5, 5.0))
+        while proc.poll() is None and len(killed.markers("features", version)) < target:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, 0.03))
         killed_mid_run += proc.poll() is None
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    assert killed_mid_run >= 1
+    assert killed_mid_run >= 3
     for root in roots:
         subprocess.run(_features_cmd(root, config), cwd=REPO, check=True, capture_output=True)
     stage = tiny_stage(chunk_windows=4)
     a, b = (stage.feature_set(Store(r)) for r in roots)
     np.testing.assert_array_equal(a.read_cls("long"), b.read_cls("long"))
     np.testing.assert_array_equal(a.read_tokens("long", slice(None)), b.read_tokens("long", slice(None)))
-    assert len(Store(roots[0]).markers("features", stage.version())) == 8
+    assert len(Store(roots[0]).markers("features", stage.version())) == 15
 
 
 @pytest.fixture(scope="module")
