@@ -126,14 +126,21 @@ def test_killed_caption_run_resumes_to_the_same_tables(featured_store, checkpoin
     configs = [config_for(s.root, checkpoints) for s in stores]
     toml = [write_toml(tmp_path / f"{i}.toml", c) for i, c in enumerate(configs)]
     cmd = [sys.executable, "-c", "from cli.main import main; main()", "run", "--local", "--config"]
+    versions = [(s.name, s.version()) for s in build_stages(configs[0], stores[0])[1:]]
+
+    def committed():  # units of the three caption stages: 6 videos each
+        return sum(len(stores[0].markers(name, version)) for name, version in versions)
+
     killed_mid_run = 0
-    for delay in (3.0, 4.5, 6.0):
+    for target in (2, 7, 13):  # die in each stage, a little after its target unit commits
         proc = subprocess.Popen(cmd + [str(toml[0])], cwd=REPO, stderr=subprocess.DEVNULL)
-        time.sleep(delay)
+        while proc.poll() is None and committed() < target:
+            time.sleep(0.005)
+        time.sleep(0.02)
         killed_mid_run += proc.poll() is None
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    assert killed_mid_run >= 1
+    assert killed_mid_run == 3
     for t in toml:
         subprocess.run(cmd + [str(t)], cwd=REPO, check=True, capture_output=True)
     assert caption_tables(stores[0], configs[0]) == caption_tables(stores[1], configs[1])
