@@ -377,8 +377,7 @@ def throughput(paths: dict, quick: bool, scratch: Path) -> None:
     finally:
         torch.set_num_threads(default_threads)
     print(f"\n## Throughput, windows/s, one worker (tsf-base: random weights, full size, first {base_windows} "
-          f"windows only; the stage's batch size ({stage.batch_size} on CPU), {CHUNK}-window units, tokens on, "
-          f"1 decode thread)")
+          f"windows only; the stage's default batch size, 4 on CPU; {CHUNK}-window units, tokens on, 1 decode thread)")
     print("| encoder | video | windows | torch threads | decode | encode | pipeline | naive | efficiency | speed-up "
           "| CPU ms/win pipeline / naive |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, video, n, threads, dec, enc, pipe, nv, eff, up, cpu_pipe, cpu_naive in rows:

@@ -30,9 +30,9 @@ class FeaturesStage(Stage):
             raise ValueError(f"features.chunk_windows ({features.chunk_windows}) must be a multiple of "
                              f"features.rows_per_chunk ({features.rows_per_chunk})")
         self.cfg, self.clip_s = features, windows.clip_s
-        self.batch_size = features.batch_size or (16 if features.device.startswith("cuda") else 4)
         self.spec = describe_encoder(features.encoder, features.checkpoint or None)
         gpu = features.device.startswith("cuda")
+        self.batch_size = features.batch_size or (16 if gpu else 4)
         self.resources = Resources(cpus=1.0, gpus=1.0 if gpu else 0.0, memory_gb=2.0)
         self.encoder = None
         self._reader: tuple[tuple, WindowReader] | None = None  # the last video's, reused by its next chunk
