@@ -71,5 +71,12 @@ class Stage:
     def setup(self) -> None:
         """Per-worker set-up, once, before processing."""
 
+    def use_reserved_cpus(self) -> None:
+        """As many torch threads as CPUs reserved, as Ray gives an actor, in-process runs too: on 2 cores a
+        second torch thread beside the decode thread made the features pipeline 4x slower (bench/features.py)."""
+        import torch
+
+        torch.set_num_threads(max(1, int(self.resources.cpus)))
+
     def process(self, unit: Unit, store: Store) -> dict:
         raise NotImplementedError

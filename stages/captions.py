@@ -80,6 +80,7 @@ class CaptionStage(Stage):
         self.name = LEVEL_STAGE[self.level]
         self._version = None
         self.model = self.tokenizer = None
+        self.pixel_encoder = None  # clip level, built on first need: videos whose tokens were not stored
 
     def version(self) -> str:
         if self._version is None:
@@ -128,12 +129,12 @@ class CaptionStage(Stage):
     def check(self) -> None:
         self.setup()  # a bad checkpoint fails here once, not in every worker
 
-    def __getstate__(self):  # Ray workers load their own model in setup()
-        return {**self.__dict__, "model": None, "tokenizer": None}
+    def __getstate__(self):  # Ray workers load their own models
+        return {**self.__dict__, "model": None, "tokenizer": None, "pixel_encoder": None}
 
     def setup(self) -> None:
         if self.model is None:
-            torch.set_num_threads(max(1, int(self.resources.cpus)))  # what Ray gives an actor
+            self.use_reserved_cpus()
             c = self.cfg.captions
             self.model, self.tokenizer = load_captioner(self.checkpoint, c.tokenizer, c.device)
 
@@ -184,12 +185,15 @@ class ClipCaptionStage(CaptionStage):
         """Tokens were not stored (or were pruned): recompute them with the feature encoder."""
         from stages.examples import Example
 
-        f = self.features_stage().cfg
-        encoder = build_encoder(f.encoder, f.checkpoint or None, self.cfg.captions.device)
+        features = self.features_stage()
+        if self.pixel_encoder is None:  # once per worker
+            f = features.cfg
+            self.pixel_encoder = build_encoder(f.encoder, f.checkpoint or None, self.cfg.captions.device)
+        encoder, batch = self.pixel_encoder, features.batch_size
         frames = WindowReader(unit.payload["uri"], encoder.image_size, encoder.num_frames, np.array(spans))
         examples = []
-        for i in range(0, len(spans), f.batch_size):
-            _, tokens = encoder.encode(torch.from_numpy(frames.read(i, min(i + f.batch_size, len(spans)))))
+        for i in range(0, len(spans), batch):
+            _, tokens = encoder.encode(torch.from_numpy(frames.read(i, min(i + batch, len(spans)))))
             tokens = tokens.cpu().numpy()
             examples += [Example(unit.video_id, s, e, t, np.ones(len(t), np.int64))
                          for (s, e), t in zip(spans[i:i + len(tokens)], tokens)]

@@ -86,9 +86,7 @@ class FeaturesStage(Stage):
                       rows_per_chunk=self.cfg.rows_per_chunk)
 
     def setup(self) -> None:
-        # As many torch threads as CPUs reserved, as Ray gives an actor: a second one beside the
-        # decode thread on 2 cores made the pipeline 4x slower (bench/features.py).
-        torch.set_num_threads(max(1, int(self.resources.cpus)))
+        self.use_reserved_cpus()
         self.encoder = build_encoder(self.cfg.encoder, self.cfg.checkpoint or None, self.cfg.device)
 
     def process(self, unit: Unit, store: Store) -> dict:

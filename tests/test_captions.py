@@ -169,7 +169,7 @@ def test_ray_run_equals_local_run(featured_store, checkpoints, tmp_path):
 def test_clip_captions_from_pixels_when_tokens_were_not_stored(featured_store, checkpoints, tmp_path):
     store = copy_store(featured_store, tmp_path / "s")
     cfg = config_for(store.root, checkpoints)
-    no_tokens = load_config(store=store.root, features={"encoder": "tsf-tiny", "batch_size": 8, "tokens": False},
+    no_tokens = load_config(store=store.root, features={"encoder": "tsf-tiny", "tokens": False},
                             windows={"segment_s": 24.0},
                             captions={f"{k}_checkpoint": v for k, v in checkpoints.items()})
     stages = build_stages(no_tokens, store)
