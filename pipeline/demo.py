@@ -22,7 +22,7 @@ from pipeline.config import Config, load_config
 from pipeline.ingest import ingest_hcap
 from pipeline.progress import Summary
 from pipeline.runner import run_stage
-from pipeline.train import train
+from pipeline.train import LOWER_LEVEL, train
 from stages.captions import ClipCaptionStage, SegmentStage, SummaryStage, write_latest
 from stages.evaluate import evaluate_level, evaluate_pairs, meteor_scorer, write_metrics
 from stages.features import FeaturesStage
@@ -76,7 +76,7 @@ def run_demo(store_root: str, data: Path, preset: str = "demo", seed: int = 0,
     lower_stage = features
     for level, stage_cls in (("clip", ClipCaptionStage), ("segment", SegmentStage), ("video", SummaryStage)):
         step(f"train {level}")
-        init = store.abs(chain[f"{_below(level)}-checkpoint"]) if level != "clip" else None
+        init = store.abs(chain[f"{LOWER_LEVEL[level]}-checkpoint"]) if level != "clip" else None
         lower = [lower_stage.version()] if level != "clip" else []
         trained = train(_with(config, "train", epochs=EPOCHS[level]), store, level, init_from=init,
                         lower_versions=lower, stream=stream)
@@ -94,7 +94,7 @@ def run_demo(store_root: str, data: Path, preset: str = "demo", seed: int = 0,
         init = trained.checkpoint
         level_cfg = _with(config, "captions", **{f"{level}_checkpoint": store.abs(trained.checkpoint)})
         baselines[level] = stage_run(
-            (SegmentStage if level == "segment" else SummaryStage)(level_cfg, store, chain[_below(level)]))
+            (SegmentStage if level == "segment" else SummaryStage)(level_cfg, store, chain[LOWER_LEVEL[level]]))
 
     for level in LEVELS:  # the baselines trained last: caption commands default to the recursive models again
         write_latest(store, level, chain[f"{level}-checkpoint"])
@@ -103,10 +103,6 @@ def run_demo(store_root: str, data: Path, preset: str = "demo", seed: int = 0,
     print(format_table(table), file=sys.stdout)
     step("done")
     return summaries
-
-
-def _below(level: str) -> str:
-    return {"segment": "clip", "video": "segment"}[level]
 
 
 def frequent_caption(store: Store, level: str) -> str:

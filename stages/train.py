@@ -244,12 +244,6 @@ def save_epoch(store: Store, run_dir: str, epoch: int, model: RecapModel, tokeni
     return rel
 
 
-def remove_partial_saves(store: Store, run_dir: str) -> None:
-    """Hidden temporary folders of a save that a killed worker never renamed."""
-    for path in store.fs.glob(f"{store.abs(run_dir)}/.tmp-*"):
-        store.fs.rm(path, recursive=True)
-
-
 def write_curves(store: Store, run_dir: str, history: list[dict]) -> None:
     table = pa.Table.from_pylist(history, schema=HISTORY_SCHEMA)
     store.write_table(f"{run_dir}/losses.parquet", table)
@@ -331,7 +325,7 @@ class Trainer:
 
     def run(self) -> None:
         if self.rank == 0:
-            remove_partial_saves(self.store, self.plan.run_dir)
+            self.store.remove_temporaries(self.plan.run_dir)  # saves a killed run never renamed
         params = sum(p.numel() for p in self.model.parameters())
         trained = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self.say(f"{', '.join(f'{n} {level}' for level, n in self.sizes.items())} training examples; "

@@ -92,6 +92,11 @@ class Store:
         head, tail = posixpath.split(rel)
         return posixpath.join(head, f".tmp-{tail}-{uuid.uuid4().hex[:12]}")
 
+    def remove_temporaries(self, folder: str) -> None:
+        """Temporaries in `folder` that a killed writer never renamed into place (only safe while no writer runs)."""
+        for path in self.fs.glob(f"{self.abs(folder)}/.tmp-*"):
+            self.fs.rm(path, recursive=True)
+
     def write_bytes(self, rel: str, data: bytes) -> None:
         tmp = self.tmp_name(rel)
         self.fs.makedirs(posixpath.dirname(self.abs(rel)), exist_ok=True)

@@ -1,3 +1,4 @@
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,12 @@ def write_video(path: Path, seconds: float = 3.0, fps: int = 10, size=(64, 48), 
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+def copy_store(src, dst) -> Store:
+    """A copy of a store built once per module, for a test to change."""
+    shutil.copytree(src, dst)
+    return Store(dst)
 
 
 @pytest.fixture

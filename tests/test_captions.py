@@ -1,6 +1,5 @@
 import json
 import math
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from stages.features import FeaturesStage
 from store import Store, read_captions, read_videos
 
 from _checkpoints import tiny_checkpoint
-from conftest import REPO, run_cli
+from conftest import REPO, copy_store, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +49,6 @@ def featured_store(tmp_path_factory, tiny_corpus, checkpoints):
     cfg = config_for(root, checkpoints)
     assert run_stage(FeaturesStage(cfg.features, cfg.windows), store, executor="local").failed == 0
     return root
-
-
-def copy_store(src, dst):
-    shutil.copytree(src, dst)
-    return Store(dst)
 
 
 def caption_tables(store, config):

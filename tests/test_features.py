@@ -93,8 +93,11 @@ def test_reader_reused_across_chunks_in_any_order_gives_the_same_arrays(tmp_path
     reused = tiny_stage(chunk_windows=4)
     units = reused.plan(stores[0])
     reused.prepare(stores[0], units)
+    opened = []
     for unit in [units[i] for i in (2, 3, 0, 1)]:  # forward across keyframes, then backward
         reused.process(unit, stores[0])
+        opened.append(reused._reader[1])
+    assert all(r is opened[0] for r in opened)  # one reader for the whole video
     for unit in units:
         fresh = tiny_stage(chunk_windows=4)
         fresh.prepare(stores[1], [unit])

@@ -5,7 +5,6 @@ ReCap-U, the official freezing policy, and Ray Train with two workers."""
 import io
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from stages.features import FeaturesStage
 from stages.train import epoch_batches, load_init, param_groups, query_rows, set_trainable
 from store import CAPTION_SCHEMA, Store, captions_rel, read_groundtruth
 
-from conftest import REPO
+from conftest import REPO, copy_store
 
 TRAIN = {"size": "tiny", "freeze": "none", "epochs": 3, "batch_size": 8, "lr": 1e-3}
 REFERENCE = REPO / "tests" / "data" / "reference"
@@ -40,12 +39,7 @@ REFERENCE = REPO / "tests" / "data" / "reference"
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def recap(*args: str, **popen) -> subprocess.CompletedProcess | subprocess.Popen:
@@ -69,11 +63,6 @@ def featured(tmp_path_factory, tiny_corpus) -> Path:
     cfg = load_config(features={"encoder": "tsf-tiny"})
     assert run_stage(FeaturesStage(cfg.features, cfg.windows), store, executor="local").failed == 0
     return root
-
-
-def copy_store(featured: Path, dst: Path) -> Store:
-    shutil.copytree(featured, dst)
-    return Store(dst)
 
 
 @pytest.fixture
