@@ -40,6 +40,17 @@ class RecapConfig:
     num_video_feat: int = 4  # features per sample the data side provides (frames at the clip level)
     num_video_queries: int = 256
     num_text_queries: int = 0  # 0: no text mapper (clip level)
+    # Rows of a learned position embedding added to the video mapper's context; 0 = none (official). The
+    # Q-Former reads its context as a set: without this, the order of frames or sparse features is only
+    # known where the encoder wrote it into the features.
+    video_positions: int = 0
+    # A LayerNorm on the text mapper's context (the decoder's word + position embeddings of the lower-level
+    # text); off officially. GPT-2's pretrained embeddings have norms of a few units; freshly initialised ones
+    # (std 0.02) are so small that the text mapper's attention reads them as a uniform blur.
+    text_context_norm: bool = False
+    # Initial value of the decoder's cross-attention gates (alpha; the gate is tanh(alpha)). 0, the official
+    # value, leaves a pretrained GPT-2 as it was; a decoder trained from scratch learns faster with open gates.
+    gate_init: float = 0.0
     vision: TimeSformerConfig | None = field(default_factory=TimeSformerConfig.base)
     # Q-Former (BERT-base layout)
     qformer_hidden_size: int = 768
@@ -217,11 +228,21 @@ class RecapModel(nn.Module):
             self.vision_model = TimeSformer(config.vision)
         self.video_queries = nn.Parameter(0.02 * torch.randn(config.num_video_queries, width))
         self.video_mapper = QFormerMapper(config.qformer_config(config.video_feature_width))
+        if config.video_positions:
+            self.video_position = nn.Embedding(config.video_positions, config.video_feature_width)
         if config.num_text_queries:
             self.text_queries = nn.Parameter(0.02 * torch.randn(config.num_text_queries, width))
             self.text_mapper = QFormerMapper(config.qformer_config(config.n_embd))
+            if config.text_context_norm:
+                self.text_context_norm = nn.LayerNorm(config.n_embd)
         self.text_decoder = GatedGPT2LMHeadModel(config.gpt2_config())
         self.apply(self._init_weights)
+        with torch.no_grad():
+            if config.video_positions:  # the scale of the LayerNorm'd encoder outputs they are added to
+                self.video_position.weight.normal_(0.0, 1.0)
+            for name, p in self.text_decoder.named_parameters():
+                if name.rsplit(".", 1)[-1] in ("alpha_cattn", "alpha_dense"):
+                    p.fill_(config.gate_init)
         # Shared tensors, alias -> first name: lm_head = wte; each MLM head's decoder = word embeddings + head bias.
         first = {}
         self.tied_weights = {name: first[id(p)] for name, p in self.named_parameters(remove_duplicate=False)
@@ -229,7 +250,7 @@ class RecapModel(nn.Module):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        """GPT-2/BERT initialisation, for training without pretrained weights (the gates stay 0)."""
+        """GPT-2/BERT initialisation, for training without pretrained weights."""
         if isinstance(module, (nn.Linear, Conv1D, nn.Embedding)):
             module.weight.normal_(0.0, 0.02)
             if getattr(module, "bias", None) is not None:
@@ -237,10 +258,14 @@ class RecapModel(nn.Module):
 
     def encode_video(self, video: torch.Tensor) -> torch.Tensor:
         """The video mapper's context: pixels (B, T, C, H, W) become all TimeSformer tokens (B, 1+T*N, D);
-        features (B, N, D) (CLS features, or stored tokens) pass through."""
-        if video.dim() == 5:
-            return self.vision_model.forward_features(video, cls_at_last=False)
-        return video
+        features (B, N, D) (CLS features, or stored tokens) pass through; learned positions are added."""
+        context = self.vision_model.forward_features(video, cls_at_last=False) if video.dim() == 5 else video
+        if self.config.video_positions:
+            if context.size(1) != self.config.video_positions:
+                raise ValueError(f"the video context has {context.size(1)} rows; the model's position embedding "
+                                 f"has {self.config.video_positions}")
+            context = context + self.video_position.weight
+        return context
 
     def embed_text(self, text_ids: torch.Tensor) -> torch.Tensor:
         """Previous-level GPT-2 ids -> the decoder's own wte + wpe, positions 0..L-1 (README 4.3)."""
@@ -254,7 +279,10 @@ class RecapModel(nn.Module):
         queries = [self.video_mapper(self.video_queries.expand(B, -1, -1), self.encode_video(video), video_mask)]
         if text_ids is not None and hasattr(self, "text_mapper"):
             text = self.text_queries.expand(B, -1, -1)
-            queries.append(self.text_mapper(text, self.embed_text(text_ids), text_mask))
+            context = self.embed_text(text_ids)
+            if self.config.text_context_norm:
+                context = self.text_context_norm(context)
+            queries.append(self.text_mapper(text, context, text_mask))
         return torch.cat(queries, dim=1)
 
     def forward(self, video, caption_tokens, video_mask=None, text_ids=None, text_mask=None) -> RecapOutput:

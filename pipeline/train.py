@@ -9,7 +9,7 @@ With `train.recursive` off, segment and video models read video features only (t
 non-recursive baseline).
 
 Targets are the ground truth of the train split; the val split gives the validation loss. The run
-name fingerprints the level, the train settings (not the worker count), the init checkpoint and the
+name fingerprints the level, the train settings (not the worker count), the model's architecture, the init checkpoint and the
 data (feature versions, targets, lower-level captions): the same command after completion does
 nothing, and after a kill resumes from the last committed epoch.
 """
@@ -29,7 +29,7 @@ from pipeline.config import Config
 from stages.captions import LEVEL_STAGE, weights_id, write_latest
 from stages.features import FeaturesStage
 from stages.train import (
-    FREEZE, SIZES, Item, TrainPlan, epoch_dir, last_epoch, level_config, sized_config, train_worker,
+    FREEZE, MODEL_RULES, SIZES, Item, TrainPlan, epoch_dir, last_epoch, level_config, sized_config, train_worker,
 )
 from store import LEVELS, Store, fingerprint, read_captions, read_groundtruth
 
@@ -64,8 +64,9 @@ def train(config: Config, store: Store, level: str, *, init_from: str | None = N
     params = {k: v for k, v in asdict(settings).items() if k != "workers" and (k != "lower" or lower)}
     data = {split: {lvl: [astuple(i) for i in items] for lvl, items in by_level.items()}
             for split, by_level in targets.items()}
-    run = fingerprint(level, params, weights_id(init_from) if init_from else None, feature_ids, data, lower,
-                      length=12)
+    architecture = [MODEL_RULES, sized_config(settings.size, "video" if level == "unified" else level).to_dict()]
+    run = fingerprint(level, params, architecture, weights_id(init_from) if init_from else None, feature_ids, data,
+                      lower, length=12)
     run_dir = f"checkpoints/{level}/{run}"
     final = epoch_dir(run_dir, settings.epochs)
     trained = last_epoch(store, run_dir) < settings.epochs

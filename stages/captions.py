@@ -194,7 +194,8 @@ class ClipCaptionStage(CaptionStage):
         examples = []
         for i in range(0, len(spans), batch):
             _, tokens = encoder.encode(torch.from_numpy(frames.read(i, min(i + batch, len(spans)))))
-            tokens = tokens.cpu().numpy()
+            # Rounded as the store keeps them: the same captions as from stored tokens.
+            tokens = tokens.cpu().numpy().astype(np.float16).astype(np.float32)
             examples += [Example(unit.video_id, s, e, t, np.ones(len(t), np.int64))
                          for (s, e), t in zip(spans[i:i + len(tokens)], tokens)]
         return examples

@@ -16,6 +16,16 @@ Protocols, named in every output:
   The official script takes ROUGE-L from Hugging Face `evaluate` (rougeLsum); here both protocols
   use pycocoevalcap's ROUGE-L (LCS F-measure, beta 1.2), so ROUGE-L differs slightly from the paper's.
 
+Semantic accuracy, where the ground truth carries facts (our synthetic corpus): each prediction is
+parsed back to facts with the corpus grammar (`synth.facts.parse`) and compared with the facts of its
+reference; text the grammar cannot parse is wrong on every fact. Per level (x100 except counts):
+    clip     action, colour, shape, all_three (all three right)
+    segment  activity, object_f1 (F1 of the named objects, "colour shape", per segment)
+    video    place, sequence_exact (the ordered activities exactly right), sequence_edit (mean
+             Levenshtein distance between predicted and true activity sequences; not x100)
+    every    parsed (share of predictions the grammar parses), distinct (distinct predictions: a
+             collapsed model shows as a handful)
+
 Per-video scores (`by="video"`) are means of the per-caption scores of the corpus
 computation. CIDEr therefore keeps the corpus document frequencies (CIDEr over one
 video's captions alone would change the IDF), and a video's METEOR is the mean of
@@ -24,6 +34,7 @@ its sentence scores, whereas the corpus METEOR pools matching statistics.
 
 from __future__ import annotations
 
+import json
 import shutil
 from contextlib import contextmanager
 
@@ -36,11 +47,16 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
+from synth.facts import parse
+
 from store import Store, captions_dir, check_name, now_iso
-from store.tables import groundtruth_rel
+from store.tables import groundtruth_rel, read_groundtruth
 
 PROTOCOLS = ("coco", "videorecap")
 METRICS = ("CIDEr", "ROUGE_L", "METEOR")
+SEMANTIC = {"clip": ("action", "colour", "shape", "all_three"), "segment": ("activity", "object_f1"),
+            "video": ("place", "sequence_exact", "sequence_edit")}
+COUNTS = ("parsed", "distinct")
 SCALE = 100.0
 MIN_IOU = 0.5
 
@@ -53,6 +69,7 @@ METRICS_SCHEMA = pa.schema([
 _PAIRS_META = pd.DataFrame({
     "video_id": pd.Series(dtype="str"), "start_s": pd.Series(dtype="float64"), "end_s": pd.Series(dtype="float64"),
     "reference": pd.Series(dtype="str"), "prediction": pd.Series(dtype="str"), "iou": pd.Series(dtype="float64"),
+    "facts": pd.Series(dtype="str"),
 })
 
 
@@ -132,6 +149,50 @@ def evaluate_pairs(predictions: list[str], references: list[str], protocol: str 
     return {name: corpus for name, (corpus, _) in score_pairs(predictions, references, protocol, meteor).items()}
 
 
+def _edit_distance(a: list, b: list) -> int:
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
+    return row[-1]
+
+
+def _object_f1(predicted: list[str], true: list[str]) -> float:
+    common = sum(min(predicted.count(o), true.count(o)) for o in set(true))
+    return 2 * common / (len(predicted) + len(true)) if predicted or true else 1.0
+
+
+def _semantic_pair(level: str, got: dict | None, true: dict) -> dict[str, float]:
+    """Per-pair semantic scores: 1/0 hits (x100 later), F1, or an edit distance."""
+    if level == "clip":
+        hits = {k: float(got is not None and got[k] == true[k]) for k in ("action", "colour", "shape")}
+        return {**hits, "all_three": float(all(hits.values()))}
+    if level == "segment":
+        return {"activity": float(got is not None and got["activity"] == true["activity"]),
+                "object_f1": _object_f1(got["objects"], true["objects"]) if got else 0.0}
+    sequence = got["activities"] if got else []
+    return {"place": float(got is not None and got["place"] == true["place"]),
+            "sequence_exact": float(sequence == true["activities"]),
+            "sequence_edit": float(_edit_distance(sequence, true["activities"]))}
+
+
+def semantic_pairs(level: str, predictions: list[str], facts: list[str]) -> pd.DataFrame:
+    """One row per pair: the semantic scores of `level` and `parsed` (x100 but the edit distance)."""
+    rows = []
+    for prediction, true in zip(predictions, facts):
+        got = parse(level, prediction)
+        row = _semantic_pair(level, got, json.loads(true))
+        rows.append({k: v if k == "sequence_edit" else SCALE * v for k, v in row.items()} |
+                    {"parsed": SCALE * (got is not None)})
+    return pd.DataFrame(rows, columns=[*SEMANTIC[level], "parsed"], dtype=float)
+
+
+def semantic_scores(level: str, predictions: list[str], facts: list[str]) -> dict[str, float]:
+    """Corpus semantic scores of predictions against the facts (JSON) of their references, and `distinct`."""
+    return {**semantic_pairs(level, predictions, facts).mean().to_dict(), "distinct": float(len(set(predictions)))}
+
+
 # ---- matching predictions to ground truth ------------------------------------------
 
 def _match_video(rows: pd.DataFrame) -> pd.DataFrame:
@@ -156,14 +217,15 @@ def _match_video(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({
         "video_id": rows.name, "start_s": gt["start_s"].to_numpy(), "end_s": gt["end_s"].to_numpy(),
         "reference": gt["text"].fillna("").to_numpy(), "prediction": prediction, "iou": best_iou,
+        "facts": gt["facts"].to_numpy(),
     }).astype(_PAIRS_META.dtypes.to_dict())
 
 
 def match_windows(store: Store, level: str, version: str, split: str = "test") -> pd.DataFrame:
     """Every ground-truth window of the split with its matched prediction.
 
-    Columns video_id, start_s, end_s, reference, prediction, iou; prediction and iou are null
-    where the window is missing. Sorted by video and start.
+    Columns video_id, start_s, end_s, reference, prediction, iou, facts; prediction and iou are null
+    where the window is missing, facts where the ground truth has none. Sorted by video and start.
     """
     gt_rel, pred_rel = groundtruth_rel(level), captions_dir(level, version)
     if not store.exists(gt_rel):
@@ -171,8 +233,9 @@ def match_windows(store: Store, level: str, version: str, split: str = "test") -
     if not store.listdir(pred_rel):
         raise FileNotFoundError(f"{store.url(pred_rel)}: no committed {level} captions of version {version}")
     columns = ["video_id", "start_s", "end_s", "text"]
-    gt = dd.read_parquet(store.url(gt_rel), columns=columns, filters=[("split", "==", split)])
-    pred = dd.read_parquet(store.url(pred_rel), columns=columns)
+    gt = read_groundtruth(store, level, split).select([*columns, "facts"]).to_pandas()
+    gt = dd.from_pandas(gt, npartitions=max(1, len(gt) // 100_000))
+    pred = dd.read_parquet(store.url(pred_rel), columns=columns).assign(facts=None)
     rows = dd.concat([gt.assign(is_ref=True), pred.assign(is_ref=False)])
     pairs = rows.groupby("video_id").apply(_match_video, meta=_PAIRS_META).compute().reset_index(drop=True)
     if pairs.empty:
@@ -186,7 +249,8 @@ def evaluate_level(store: Store, level: str, version: str, split: str = "test", 
                    by: str | None = None, meteor: Meteor | None = None) -> pd.DataFrame:
     """Scores (x100) of one caption level and version against the split's ground truth.
 
-    One corpus row per metric (video_id null); with by="video", also one row per metric and
+    One corpus row per metric (video_id null), semantic ones included where the ground truth has
+    facts; with by="video", also one row per metric and
     ground-truth video, holding the mean of its per-caption scores (NaN when all its windows
     are missing). n_pairs counts matched windows, n_missing ground-truth windows without a prediction.
     """
@@ -196,14 +260,23 @@ def evaluate_level(store: Store, level: str, version: str, split: str = "test", 
     found = pairs[pairs["iou"].notna()]
     scores = score_pairs(found["prediction"].tolist(), found["reference"].tolist(), protocol, meteor)
     base = {"level": level, "version": version, "split": split, "protocol": protocol, "computed_at": now_iso()}
-    rows = [{**base, "metric": name, "value": corpus, "n_pairs": len(found), "n_missing": len(pairs) - len(found),
-             "video_id": None} for name, (corpus, _) in scores.items()]
+    each = pd.DataFrame({name: each for name, (_, each) in scores.items()}, index=found.index)
+    corpus = {name: corpus for name, (corpus, _) in scores.items()}
+    if len(found) and found["facts"].notna().all():
+        semantic = semantic_pairs(level, found["prediction"].tolist(), found["facts"].tolist()).set_index(found.index)
+        each = each.join(semantic)
+        corpus |= semantic.mean().to_dict() | {"distinct": float(found["prediction"].nunique())}
+    rows = [{**base, "metric": name, "value": value, "n_pairs": len(found), "n_missing": len(pairs) - len(found),
+             "video_id": None} for name, value in corpus.items()]
     if by == "video":
-        per_caption = pairs.join(pd.DataFrame({name: each for name, (_, each) in scores.items()}, index=found.index))
+        per_caption = pairs.join(each).assign(distinct=np.nan)
         for video_id, video in per_caption.groupby("video_id", sort=True):
             n_pairs = int(video["iou"].notna().sum())
-            rows += [{**base, "metric": name, "value": video[name].mean(), "n_pairs": n_pairs,
-                      "n_missing": len(video) - n_pairs, "video_id": video_id} for name in METRICS]
+            values = {name: video[name].mean() for name in corpus if name != "distinct"}
+            if "distinct" in corpus:
+                values["distinct"] = float(video["prediction"].dropna().nunique())
+            rows += [{**base, "metric": name, "value": value, "n_pairs": n_pairs,
+                      "n_missing": len(video) - n_pairs, "video_id": video_id} for name, value in values.items()]
     return pd.DataFrame(rows, columns=[n for n in METRICS_SCHEMA.names if n != "run"])
 
 
@@ -221,7 +294,8 @@ def format_metrics(df: pd.DataFrame) -> str:
     for (level, version, split, protocol), group in df.groupby(["level", "version", "split", "protocol"], sort=False):
         group = group.assign(row=group["video_id"].fillna("(corpus)"))
         order = ["(corpus)"] + sorted(set(group["row"]) - {"(corpus)"})
-        table = group.pivot(index="row", columns="metric", values="value").reindex(index=order, columns=list(METRICS))
+        names = [m for m in (*METRICS, *SEMANTIC.get(level, ()), *COUNTS) if m in set(group["metric"])]
+        table = group.pivot(index="row", columns="metric", values="value").reindex(index=order, columns=names)
         counts = group.drop_duplicates("row").set_index("row")[["n_pairs", "n_missing"]]
         table = table.join(counts.rename(columns={"n_pairs": "pairs", "n_missing": "missing"}))
         table.index.name = None

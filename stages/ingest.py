@@ -11,6 +11,7 @@ import av
 import decord
 import fsspec
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from store import GROUNDTRUTH_SCHEMA, file_digest, now_iso, video_id_for
 
@@ -101,6 +102,8 @@ def read_hcap(metadata_dir: str | os.PathLike) -> dict[str, pa.Table]:
     clips_{split}.pkl: [(vid, start_sec, end_sec, caption)]
     segments_{split}.pkl: [{vid, sid, start_sec, end_sec, captions_gt, segment_description}]
     videos_{split}.json: [{vid, start_sec, end_sec, segment_descriptions, video_summary}]
+    groundtruth/{level}.parquet (optional): the same rows with the facts behind each caption, which
+        our synthetic corpus writes; they are attached by (video, start, end).
     """
     root = Path(metadata_dir)
     rows = {"clip": [], "segment": [], "video": []}
@@ -123,8 +126,21 @@ def read_hcap(metadata_dir: str | os.PathLike) -> dict[str, pa.Table]:
                                       video["video_summary"]))
     if not found:
         raise FileNotFoundError(f"{root}: no Ego4D-HCap metadata (clips_*.pkl, segments_*.pkl, videos_*.json)")
-    return {
-        level: pa.Table.from_pylist([dict(zip(GROUNDTRUTH_SCHEMA.names, r)) for r in level_rows],
-                                    schema=GROUNDTRUTH_SCHEMA)
-        for level, level_rows in rows.items()
-    }
+    tables = {}
+    for level, level_rows in rows.items():
+        known = _facts(root / "groundtruth" / f"{level}.parquet")
+        tables[level] = pa.Table.from_pylist(
+            [{**dict(zip(GROUNDTRUTH_SCHEMA.names, r)), "facts": known.get((r[0], r[3], r[4]))} for r in level_rows],
+            schema=GROUNDTRUTH_SCHEMA)
+    return tables
+
+
+def _facts(path: Path) -> dict[tuple[str, float, float], str]:
+    """(video, start, end) -> facts JSON from a corpus's ground-truth table, if it has one with facts."""
+    if not path.is_file():
+        return {}
+    table = pq.read_table(path)
+    if "facts" not in table.column_names:
+        return {}
+    columns = (table[c].to_pylist() for c in ("video_id", "start_s", "end_s", "facts"))
+    return {(vid, start, end): facts for vid, start, end, facts in zip(*columns)}

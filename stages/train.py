@@ -40,14 +40,22 @@ from store import FeatureSet, Store
 SIZES = ("base", "demo", "tiny")
 FREEZE = ("official", "none")
 
-# `demo`: small enough to train on 2 CPU cores in minutes. Widths, then per level
+# `demo`: small enough to train from scratch on 2 CPU cores in minutes. Widths, then per level
 # (features per example, video queries, text queries); clip examples take all tokens of a window.
+# Trained from scratch, the official layout underfits: each of these was measured on the demo
+# corpus (docs/caption-accuracy.md): cross-attention in every Q-Former layer, open decoder gates,
+# a LayerNorm on the text context, learned positions of the clip level's tokens (`level_config`), no dropout.
 DEMO_WIDTHS = dict(qformer_hidden_size=128, qformer_num_layers=2, qformer_num_heads=4, qformer_intermediate_size=256,
+                   qformer_cross_attention_freq=1, gate_init=1.0, dropout=0.0, text_context_norm=True,
                    qformer_vocab_size=30, qformer_max_positions=16,
                    n_positions=256, n_embd=128, n_layer=3, n_head=4, n_inner=512)
 DEMO_LEVELS = {"clip": dict(num_video_queries=16),
                "segment": dict(num_video_feat=16, num_video_queries=8, num_text_queries=32),
                "video": dict(num_video_feat=32, num_video_queries=16, num_text_queries=32)}
+
+# The version of how `level_config` builds a model from a size; part of every run's name, so a change
+# trains anew instead of resuming an incompatible checkpoint. 2: the demo size's changes above.
+MODEL_RULES = 3
 
 # README 1, "trainable sets": what the official training updates when freezing (everything else keeps its init).
 OFFICIAL_TRAINABLE = re.compile(
@@ -79,9 +87,10 @@ def level_config(size: str, level: str, feature_dim: int, tokens_per_window: int
     counts at `size`, fed stored features (no pixel tower), with the tokenizer's vocabulary. ReCap-U takes
     the video level's counts. Not `recursive`: no text mapper (the non-recursive baseline)."""
     sized = sized_config(size, "video" if level == "unified" else level)
+    num_feat = tokens_per_window if level == "clip" else sized.num_video_feat
     return (init or sized).with_overrides({
         "level": level, "video_feature_type": "cls", "vision": None, "video_feature_width": feature_dim,
-        "num_video_feat": tokens_per_window if level == "clip" else sized.num_video_feat,
+        "num_video_feat": num_feat, "video_positions": num_feat if size == "demo" and level == "clip" else 0,
         "num_video_queries": sized.num_video_queries,
         "num_text_queries": sized.num_text_queries if recursive else 0,
         "max_gen_tokens": sized.max_gen_tokens, "vocab_size": tokenizer.vocab_size,
@@ -109,6 +118,9 @@ def load_init(model: RecapModel, path: str) -> list[str]:
             if name.endswith("_queries") and value.shape[0] != tensor.shape[0] and value.shape[1:] == tensor.shape[1:]:
                 notes.append(f"{name}: {value.shape[0]} -> {tensor.shape[0]} rows")
                 value = value[torch.from_numpy(query_rows(value.shape[0], tensor.shape[0]))]
+            if name == "video_position.weight" and value.shape != tensor.shape:
+                notes.append(f"{name}: {value.shape[0]} -> {tensor.shape[0]} rows, freshly initialised")
+                continue
             if value.shape != tensor.shape:
                 raise ValueError(f"{path}: {name} has shape {list(value.shape)}; the {model.config.level} model "
                                  f"trained here needs {list(tensor.shape)}")

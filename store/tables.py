@@ -22,6 +22,7 @@ VIDEO_SCHEMA = pa.schema([
 GROUNDTRUTH_SCHEMA = pa.schema([
     ("video_id", pa.string()), ("split", pa.string()), ("level", pa.string()),
     ("start_s", pa.float64()), ("end_s", pa.float64()), ("text", pa.string()),
+    ("facts", pa.string()),  # JSON of what the caption states, where the corpus knows it (synth.facts); else null
 ])
 
 CAPTION_SCHEMA = pa.schema([
@@ -82,14 +83,21 @@ def groundtruth_rel(level: str) -> str:
     return f"groundtruth/{_check_level(level)}.parquet"
 
 
+def _conform_groundtruth(table: pa.Table) -> pa.Table:
+    """The ground-truth schema; a table without facts (older stores, corpora without them) gets null facts."""
+    if "facts" not in table.column_names:
+        table = table.append_column("facts", pa.nulls(table.num_rows, pa.string()))
+    return table.select(GROUNDTRUTH_SCHEMA.names).cast(GROUNDTRUTH_SCHEMA)
+
+
 def write_groundtruth(store: Store, level: str, table: pa.Table) -> int:
     """Merge ground truth of one level: rows of the given videos replace theirs."""
-    table = table.select(GROUNDTRUTH_SCHEMA.names).cast(GROUNDTRUTH_SCHEMA)
+    table = _conform_groundtruth(table)
     with store.lock(f"groundtruth-{level}"):
         old = store.read_table(groundtruth_rel(level))
         if old is not None:
             keep = pc.invert(pc.is_in(old["video_id"], value_set=pc.unique(table["video_id"])))
-            table = pa.concat_tables([old.filter(keep).cast(GROUNDTRUTH_SCHEMA), table])
+            table = pa.concat_tables([_conform_groundtruth(old.filter(keep)), table])
         table = table.sort_by([("video_id", "ascending"), ("start_s", "ascending")])
         store.write_table(groundtruth_rel(level), table)
     return table.num_rows
@@ -97,6 +105,7 @@ def write_groundtruth(store: Store, level: str, table: pa.Table) -> int:
 
 def read_groundtruth(store: Store, level: str, split: str | None = None) -> pa.Table | None:
     table = store.read_table(groundtruth_rel(level))
+    table = None if table is None else _conform_groundtruth(table)
     if table is not None and split is not None:
         table = table.filter(pc.equal(table["split"], split))
     return table

@@ -50,11 +50,11 @@ def clip_caption(action: Action, rng: np.random.Generator) -> str:
 
 
 def segment_description(activity: str, actions: list[Action], rng: np.random.Generator) -> str:
-    return _pick(SEGMENT_TEMPLATES[activity], rng).format(**_fields(actions))
+    return _pick(SEGMENT_TEMPLATES[activity], rng).format(**fields(actions))
 
 
 def video_summary(place: str, activities: list[tuple[str, list[Action]]], rng: np.random.Generator) -> str:
-    phrases = [SUMMARY_PHRASES[name].format(**_fields(actions)) for name, actions in activities]
+    phrases = [SUMMARY_PHRASES[name].format(**fields(actions)) for name, actions in activities]
     style = int(rng.integers(3))
     if style == 0:
         return f"C was in the {place}. C " + ", then ".join(phrases) + "."
@@ -66,7 +66,7 @@ def video_summary(place: str, activities: list[tuple[str, list[Action]]], rng: n
     return f"C spent the session in the {place}. " + " ".join(f"{o} {p}." for o, p in zip(openers, phrases))
 
 
-def _fields(actions: list[Action]) -> dict[str, str]:
+def fields(actions: list[Action]) -> dict[str, str]:
     """What a segment's narrations say: its objects (as first seen) and the
     final colour of each painted one. Paint changes colours, so where there is
     paint, objects are told apart by shape (painting uses distinct shapes)."""

@@ -16,7 +16,7 @@ from synth.presets import SPLITS, Preset, resolve
 from synth.world import Session, plan_corpus
 from synth.writer import write_groundtruth, write_json, write_mp4
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"  # 2: ground-truth tables carry facts
 
 
 class CorpusMismatch(Exception):

@@ -67,6 +67,17 @@ class Segment:
 
 
 @dataclass(frozen=True)
+class SpanSummary:
+    """A summary of a run of consecutive segments of a training video: extra video-level supervision, the
+    corpus's counterpart of the pseudo-summaries an LLM writes for Ego4D in the Video ReCap paper."""
+    start_s: float
+    end_s: float
+    activities: tuple[str, ...]
+    segment_descriptions: tuple[str, ...]
+    summary: str
+
+
+@dataclass(frozen=True)
 class Session:
     vid: str
     split: str
@@ -76,6 +87,7 @@ class Session:
     segments: tuple[Segment, ...]
     summary: str
     render_seed: int  # nuisance variation (object size, position, bubbles) for the renderer
+    span_summaries: tuple[SpanSummary, ...] = ()
 
 
 def plan_corpus(preset: Preset, seed: int) -> list[Session]:
@@ -109,8 +121,21 @@ def plan_session(vid: str, split: str, preset: Preset, rng: np.random.Generator)
         segments.append(Segment(float(j * preset.segment_s), float((j + 1) * preset.segment_s),
                                 name, inside, description))
     summary = captions.video_summary(place, [(s.activity, [c.action for c in s.clips]) for s in segments], rng)
-    return Session(vid, split, place, float(duration), tuple(clips), tuple(segments), summary,
-                   render_seed=int(rng.integers(2**31)))
+    render_seed = int(rng.integers(2**31))
+    spans = _span_summaries(place, segments, np.random.default_rng([render_seed, 1])) \
+        if preset.span_summaries and split == "train" else ()
+    return Session(vid, split, place, float(duration), tuple(clips), tuple(segments), summary, render_seed, spans)
+
+
+def _span_summaries(place: str, segments: list[Segment], rng: np.random.Generator) -> tuple[SpanSummary, ...]:
+    """Every run of consecutive segments but the whole video, summarised as a video is."""
+    n = len(segments)
+    runs = [segments[i:j] for i in range(n) for j in range(i + 1, n + 1) if j - i < n]
+    return tuple(SpanSummary(run[0].start_s, run[-1].end_s, tuple(g.activity for g in run),
+                             tuple(g.description for g in run),
+                             captions.video_summary(place, [(g.activity, [c.action for c in g.clips]) for g in run],
+                                                    rng))
+                 for run in runs)
 
 
 def _activity_sequence(n: int, rng: np.random.Generator) -> list[str]:

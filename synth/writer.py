@@ -1,5 +1,6 @@
 """Writes a corpus to disk: H.264 files and the ground truth, both in the
-Ego4D-HCap layout (pickles and JSON per split) and as Parquet tables."""
+Ego4D-HCap layout (pickles and JSON per split) and as Parquet tables, which
+also hold the facts behind every caption (`synth.facts`)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from synth.facts import facts_of_clip, facts_of_segment, facts_of_video
 from synth.presets import SPLITS
 from synth.world import Session
 
 GROUNDTRUTH_SCHEMA = pa.schema([
     ("video_id", pa.string()), ("split", pa.string()), ("level", pa.string()),
     ("start_s", pa.float64()), ("end_s", pa.float64()), ("text", pa.string()),
+    ("facts", pa.string()),  # JSON: what the caption states (synth.facts)
 ])
 
 
@@ -49,12 +52,17 @@ def write_groundtruth(out: Path, sessions: list[Session]) -> None:
         _atomic_write(out / f"videos_{split}.json", json.dumps([
             {"vid": s.vid, "start_sec": 0.0, "end_sec": s.duration_s,
              "segment_descriptions": [g.description for g in s.segments], "video_summary": s.summary}
-            for s in chosen], indent=1).encode())
+            for s in chosen] + [
+            {"vid": s.vid, "start_sec": p.start_s, "end_sec": p.end_s,
+             "segment_descriptions": list(p.segment_descriptions), "video_summary": p.summary}
+            for s in chosen for p in s.span_summaries], indent=1).encode())
 
     levels = {
-        "clip": [(s, c.start_s, c.end_s, c.caption) for s in sessions for c in s.clips],
-        "segment": [(s, g.start_s, g.end_s, g.description) for s in sessions for g in s.segments],
-        "video": [(s, 0.0, s.duration_s, s.summary) for s in sessions],
+        "clip": [(s, c.start_s, c.end_s, c.caption, facts_of_clip(c.action)) for s in sessions for c in s.clips],
+        "segment": [(s, g.start_s, g.end_s, g.description, facts_of_segment(g)) for s in sessions for g in s.segments],
+        "video": [(s, 0.0, s.duration_s, s.summary, facts_of_video(s)) for s in sessions] + [
+            (s, p.start_s, p.end_s, p.summary, {"place": s.place, "activities": list(p.activities)})
+            for s in sessions for p in s.span_summaries],
     }
     (out / "groundtruth").mkdir(exist_ok=True)
     for level, rows in levels.items():
@@ -62,6 +70,7 @@ def write_groundtruth(out: Path, sessions: list[Session]) -> None:
             "video_id": [s.vid for s, *_ in rows], "split": [s.split for s, *_ in rows],
             "level": [level] * len(rows), "start_s": [r[1] for r in rows],
             "end_s": [r[2] for r in rows], "text": [r[3] for r in rows],
+            "facts": [json.dumps(r[4], sort_keys=True) for r in rows],
         }, schema=GROUNDTRUTH_SCHEMA)
         partial = out / "groundtruth" / f"{level}.parquet.partial"
         pq.write_table(table, partial)

@@ -5,13 +5,16 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
+import torch
 
 from pipeline.config import load_config
 from pipeline.dag import build_stages
 from pipeline.ingest import ingest_hcap
 from pipeline.run import run_all
 from pipeline.runner import run_stage
+from stages.examples import ExampleReader
 from stages.features import FeaturesStage
 from store import Store, read_captions, read_videos
 
@@ -173,5 +176,56 @@ def test_clip_captions_from_pixels_when_tokens_were_not_stored(featured_store, c
     from_pixels = read_captions(store, "clip", stages[1].version())
     run_all(cfg, store, local=True, evaluate=False)
     from_tokens = read_captions(store, "clip", build_stages(cfg, store)[1].version())
-    key = lambda t: sorted(zip(t["video_id"].to_pylist(), t["start_s"].to_pylist(), t["end_s"].to_pylist()))
-    assert key(from_pixels) == key(from_tokens)  # every window, same windows
+    rows = lambda t: sorted(zip(*(t[c].to_pylist() for c in ("video_id", "start_s", "end_s", "text"))))
+    assert rows(from_pixels) == rows(from_tokens)  # every window, and the same caption in each
+
+
+# ---- the recursion: what each level reads of the level below ----------------------------
+
+def test_segment_and_video_examples_hold_exactly_the_lower_captions_in_order(featured_store, checkpoints, tmp_path):
+    store = copy_store(featured_store, tmp_path / "s")
+    cfg = config_for(store.root, checkpoints)
+    features, clip, segment, video = build_stages(cfg, store)
+    for stage in (clip, segment):
+        assert run_stage(stage, store, executor="local").failed == 0
+    clip.setup()
+    for unit in segment.plan(store):
+        clips = read_captions(store, "clip", clip.version(), unit.video_id).to_pylist()
+        segments = read_captions(store, "segment", segment.version(), unit.video_id).to_pylist()
+        reader = ExampleReader(features.feature_set(store), "segment", 8)
+        examples = segment.examples(unit, store, reader)
+        assert [(e.start_s, e.end_s) for e in examples] == [(s["start_s"], s["end_s"]) for s in segments]
+        seen = 0
+        for example in examples:
+            inside = [c["text"] for c in clips if c["start_s"] >= example.start_s and c["end_s"] <= example.end_s]
+            assert len(inside) == math.ceil((example.end_s - example.start_s) / 4)  # 6, the tail segment fewer
+            assert example.text == "".join(inside)
+            seen += len(inside)
+        assert seen == len(clips)  # every clip caption read by exactly one segment
+        [whole] = video.examples(unit, store, ExampleReader(features.feature_set(store), "video", 8))
+        assert whole.text == " ".join(s["text"].strip(".").strip() + "." for s in segments)
+
+
+def test_the_lower_level_text_reaches_the_model(featured_store, checkpoints):
+    """Other clip captions give a segment model other queries and other logits; so does other video."""
+    from models import checkpoint as ckpt
+    from stages.examples import Example, collate
+
+    model, tokenizer = ckpt.load(checkpoints["segment"])
+    rng = np.random.default_rng(0)
+    video, mask = rng.normal(size=(1, 8, 64)).astype(np.float32), np.ones((1, 8), np.int64)
+
+    def outputs(text, features=video):
+        batch = collate([Example("v", 0.0, 24.0, features[0], mask[0], text, "C sorted the cubes.")], tokenizer)
+        with torch.no_grad():
+            return model.map_features(batch["video"], batch["video_mask"], batch["text_ids"], batch["text_mask"]), \
+                model(**batch).logits
+
+    queries, logits = outputs("#C C picks up the red cube#C C puts down the blue ball")
+    other_queries, other_logits = outputs("#C C washes the red cube")
+    n_video = model.config.num_video_queries
+    assert torch.equal(queries[:, :n_video], other_queries[:, :n_video])  # the video queries read no text
+    assert not torch.allclose(queries[:, n_video:], other_queries[:, n_video:])
+    assert not torch.allclose(logits, other_logits)
+    moved_queries, _ = outputs("#C C washes the red cube", video + 1.0)
+    assert not torch.allclose(moved_queries[:, :n_video], other_queries[:, :n_video])

@@ -1,3 +1,4 @@
+import json
 import math
 import os
 
@@ -11,6 +12,7 @@ from stages.evaluate import (
     METRICS, METRICS_SCHEMA, PROTOCOLS, evaluate_level, evaluate_pairs, format_metrics, match_windows,
     meteor_scorer, score_pairs, write_metrics,
 )
+from synth import facts
 from store import CAPTION_SCHEMA, GROUNDTRUTH_SCHEMA, captions_dir, captions_rel, write_groundtruth
 
 
@@ -180,3 +182,58 @@ def test_empty_and_mismatched_input():
         evaluate_pairs(["a", "b"], ["a"])
     with pytest.raises(ValueError, match="unknown protocol"):
         evaluate_pairs(["a"], ["a"], "bleu")
+
+
+# ---- semantic accuracy --------------------------------------------------------------
+
+def _facts_fixture(store, level, rows):
+    """Ground truth of `level` with facts (as the synthetic corpus writes them) and one prediction per row."""
+    write_groundtruth(store, level, pa.Table.from_pylist([
+        {"video_id": f"v{i}", "split": "test", "level": level, "start_s": 0.0, "end_s": 4.0, "text": truth,
+         "facts": json.dumps(facts.parse(level, truth))} for i, (truth, _) in enumerate(rows)]))
+    for i, (_, prediction) in enumerate(rows):
+        if prediction is not None:
+            store.write_table(captions_rel(level, "p", f"v{i}"), pa.Table.from_pylist([
+                {"video_id": f"v{i}", "level": level, "start_s": 0.0, "end_s": 4.0, "text": prediction,
+                 "score": 0.0, "fingerprint": "fp"}], schema=CAPTION_SCHEMA))
+
+
+def _corpus(scores):
+    return scores[scores["video_id"].isna()].set_index("metric")["value"].to_dict()
+
+
+def test_semantic_accuracy_per_level(store, meteor):
+    _facts_fixture(store, "clip", [
+        ("#C C picks up the red cube", "#C C lifts the red cube"),       # all right, other words
+        ("#C C turns the blue ring", "#C C turns the blue ball around"),  # shape wrong
+        ("#C C washes the green cone", "#C C washes the green cone"),
+        ("#C C paints the red ball blue", "#C C turns the"),              # not a sentence: wrong on every fact
+        ("#C C moves the red cube to the left", None),                    # missing: not scored
+    ])
+    clip = _corpus(evaluate_level(store, "clip", "p", meteor=meteor))
+    assert {k: clip[k] for k in ("action", "colour", "shape", "all_three", "parsed", "distinct")} == {
+        "action": 75.0, "colour": 75.0, "shape": 50.0, "all_three": 50.0, "parsed": 75.0, "distinct": 4.0}
+
+    _facts_fixture(store, "segment", [
+        ("C sorted the red, green and blue cubes.", "C sorted the red cube and the green cube by colour."),
+        ("C painted the cone blue.", "C washed the blue cone."),
+    ])
+    segment = _corpus(evaluate_level(store, "segment", "p", meteor=meteor))
+    # F1 of {red, green} cubes against {red, green, blue}: 2 * 2 / (2 + 3); then the right object, wrong activity.
+    assert segment["activity"] == 50.0 and segment["object_f1"] == pytest.approx(100 * (0.8 + 1.0) / 2)
+
+    _facts_fixture(store, "video", [
+        ("C was in the garden. C sorted the cubes, then washed the ball, then stacked the ring and the cone.",
+         "In the garden, C first sorted the rings, then stacked the cube, and finally washed the ball."),
+        ("C was in the studio. C arranged the cube.", "C spent the session in the studio. C arranged the cone."),
+        ("C was in the kitchen. C washed the cube.", "C was in the"),
+    ])
+    video = _corpus(evaluate_level(store, "video", "p", by="video", meteor=meteor))
+    assert video["place"] == pytest.approx(200 / 3) and video["sequence_exact"] == pytest.approx(100 / 3)
+    # Edit distances: sorting, washing, stacking -> sorting, stacking, washing = 2; 0; one activity missing = 1.
+    assert video["sequence_edit"] == pytest.approx(1.0)
+
+
+def test_semantic_scores_need_facts(store, meteor):
+    _write_fixture(store)  # ground truth without facts: only the caption metrics
+    assert set(_corpus(evaluate_level(store, "clip", "p1", meteor=meteor))) == set(METRICS)

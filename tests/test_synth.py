@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from synth import PRESETS, CorpusMismatch, Preset, generate
+from synth import PRESETS, CorpusMismatch, Preset, facts, generate
 from synth.captions import CLIP_TEMPLATES, SEGMENT_TEMPLATES, SUMMARY_PHRASES
 from synth.presets import SPLITS
 from synth.world import plan_corpus
@@ -219,3 +219,62 @@ def test_presets_reject_inconsistent_sizes():
     with pytest.raises(ValueError, match="tail_s"):
         dataclasses.replace(TINY, tail_s=4.0)
     assert isinstance(PRESETS["hour"], Preset) and PRESETS["hour"].segment_s == 180
+
+
+# ---- facts and the parser of the grammar -------------------------------------------
+
+@pytest.mark.parametrize("preset", ["tiny", "demo", "hour"])
+def test_parsing_every_caption_of_a_corpus_gives_its_planned_facts(preset):
+    sessions = [s for seed in range(3) for s in plan_corpus(PRESETS[preset], seed)]
+    for s in sessions:
+        for c in s.clips:
+            assert facts.parse("clip", c.caption) == facts.facts_of_clip(c.action), c.caption
+        for g in s.segments:
+            assert facts.parse("segment", g.description) == facts.facts_of_segment(g), g.description
+        assert facts.parse("video", s.summary) == facts.facts_of_video(s), s.summary
+        for span in s.span_summaries:
+            assert facts.parse("video", span.summary) == {"place": s.place, "activities": list(span.activities)}
+    seen = {(level, key) for s in sessions for level, key in
+            [("clip", c.action.verb) for c in s.clips] + [("segment", g.activity) for g in s.segments]}
+    assert len(seen) == len(CLIP_TEMPLATES) + len(SEGMENT_TEMPLATES)  # every verb and activity was exercised
+
+
+def test_the_parser_reads_known_sentences_and_refuses_the_rest():
+    assert facts.parse("clip", " #C C paints the red cone  with blue paint") == {
+        "action": "paints", "shape": "cone", "colour": "red", "new_colour": "blue"}
+    assert facts.parse("segment", "C painted the cone blue and the ball red.") == {
+        "activity": "painting", "objects": ["blue cone", "red ball"]}
+    assert facts.parse("segment", "C sorted the red, green and blue cubes.") == {
+        "activity": "sorting", "objects": ["red cube", "green cube", "blue cube"]}
+    assert facts.parse("video", "C spent the session in the garage. First, C washed the ball. Then C sorted the "
+                                "rings. Finally, C painted the cube red.") == {
+        "place": "garage", "activities": ["washing", "sorting", "painting"]}
+    assert facts.parse("video", "In the studio, C first stacked the ball and the cone, and finally arranged the "
+                                "ring.") == {"place": "studio", "activities": ["stacking", "arranging"]}
+    for level, text in [("clip", "#C C turns the blue"), ("clip", "#C C turns the blue ring around and"),
+                        ("clip", "#C C juggles the red ball"), ("segment", "C sorted."), ("video", ""),
+                        ("video", "C was in the moon. C sorted the cubes."), ("clip", None),
+                        ("video", "C was in the garden. C sorted the cubes, then flew.")]:
+        assert facts.parse(level, text) is None, text
+
+
+def test_span_summaries_cover_every_run_of_segments_of_training_videos_only():
+    sessions = plan_corpus(PRESETS["demo"], 0)
+    for s in sessions:
+        n = len(s.segments)
+        runs = {(p.start_s, p.end_s) for p in s.span_summaries}
+        if s.split != "train":
+            assert not runs
+            continue
+        assert runs == {(s.segments[i].start_s, s.segments[j - 1].end_s)
+                        for i in range(n) for j in range(i + 1, n + 1) if j - i < n}
+        for p in s.span_summaries:
+            inside = [g for g in s.segments if p.start_s <= g.start_s and g.end_s <= p.end_s]
+            assert p.activities == tuple(g.activity for g in inside)
+            assert p.segment_descriptions == tuple(g.description for g in inside)
+
+
+def test_the_ground_truth_tables_carry_the_facts(corpus):
+    for level in ("clip", "segment", "video"):
+        rows = pq.read_table(corpus / "groundtruth" / f"{level}.parquet").to_pylist()
+        assert rows and all(json.loads(r["facts"]) == facts.parse(level, r["text"]) for r in rows)
