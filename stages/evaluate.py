@@ -47,10 +47,9 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-from synth.facts import parse
-
 from store import Store, captions_dir, check_name, now_iso
 from store.tables import groundtruth_rel, read_groundtruth
+from synth.facts import parse
 
 PROTOCOLS = ("coco", "videorecap")
 METRICS = ("CIDEr", "ROUGE_L", "METEOR")

@@ -12,8 +12,8 @@ from stages.evaluate import (
     METRICS, METRICS_SCHEMA, PROTOCOLS, evaluate_level, evaluate_pairs, format_metrics, match_windows,
     meteor_scorer, score_pairs, write_metrics,
 )
-from synth import facts
 from store import CAPTION_SCHEMA, GROUNDTRUTH_SCHEMA, captions_dir, captions_rel, write_groundtruth
+from synth import facts
 
 
 @pytest.fixture(scope="module")
