@@ -9,9 +9,9 @@ With `train.recursive` off, segment and video models read video features only (t
 non-recursive baseline).
 
 Targets are the ground truth of the train split; the val split gives the validation loss. The run
-name fingerprints the level, the train settings (not the worker count), the model's architecture, the init checkpoint and the
-data (feature versions, targets, lower-level captions): the same command after completion does
-nothing, and after a kill resumes from the last committed epoch.
+name fingerprints the level, the train settings (not the worker count), the model's architecture,
+the init checkpoint and the data (feature versions, targets, lower-level captions): the same command
+after completion does nothing, and after a kill resumes from the last committed epoch.
 """
 
 from __future__ import annotations

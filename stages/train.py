@@ -54,7 +54,7 @@ DEMO_LEVELS = {"clip": dict(num_video_queries=16),
                "video": dict(num_video_feat=32, num_video_queries=16, num_text_queries=32)}
 
 # The version of how `level_config` builds a model from a size; part of every run's name, so a change
-# trains anew instead of resuming an incompatible checkpoint. 2: the demo size's changes above.
+# trains anew instead of resuming an incompatible checkpoint. 3: the demo size's changes above.
 MODEL_RULES = 3
 
 # README 1, "trainable sets": what the official training updates when freezing (everything else keeps its init).
