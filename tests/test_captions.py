@@ -178,6 +178,14 @@ def test_clip_captions_from_pixels_when_tokens_were_not_stored(featured_store, c
     from_tokens = read_captions(store, "clip", build_stages(cfg, store)[1].version())
     rows = lambda t: sorted(zip(*(t[c].to_pylist() for c in ("video_id", "start_s", "end_s", "text"))))
     assert rows(from_pixels) == rows(from_tokens)  # every window, and the same caption in each
+    # The same captions because the same model inputs: tokens from pixels equal the stored ones, window by window.
+    with_tokens = build_stages(cfg, store)
+    for unit in stages[1].plan(store):
+        pixels = stages[1].examples(unit, store, ExampleReader(stages[0].feature_set(store), "clip", 17))
+        stored = with_tokens[1].examples(unit, store, ExampleReader(with_tokens[0].feature_set(store), "clip", 17))
+        assert len(pixels) == len(stored) and all(
+            (a.start_s, a.end_s) == (b.start_s, b.end_s) and np.array_equal(a.video, b.video)
+            for a, b in zip(pixels, stored))
 
 
 # ---- the recursion: what each level reads of the level below ----------------------------
