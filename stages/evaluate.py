@@ -268,7 +268,7 @@ def evaluate_level(store: Store, level: str, version: str, split: str = "test", 
     rows = [{**base, "metric": name, "value": value, "n_pairs": len(found), "n_missing": len(pairs) - len(found),
              "video_id": None} for name, value in corpus.items()]
     if by == "video":
-        per_caption = pairs.join(each).assign(distinct=np.nan)
+        per_caption = pairs.join(each)
         for video_id, video in per_caption.groupby("video_id", sort=True):
             n_pairs = int(video["iou"].notna().sum())
             values = {name: video[name].mean() for name in corpus if name != "distinct"}

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 from synth.captions import CLIP_TEMPLATES, SEGMENT_TEMPLATES, SUMMARY_PHRASES, fields
 from synth.world import COLOURS, PLACES, SHAPES
 
 if TYPE_CHECKING:
-    from synth.world import Action, Segment, Session
+    from synth.world import Action, Segment
 
 _COLOUR = "(?:" + "|".join(COLOURS) + ")"
 _SHAPE = "(?:" + "|".join(SHAPES) + ")"
@@ -95,8 +95,9 @@ def facts_of_segment(segment: Segment) -> dict:
     return {"activity": segment.activity, "objects": objects}
 
 
-def facts_of_video(session: Session) -> dict:
-    return {"place": session.place, "activities": [s.activity for s in session.segments]}
+def facts_of_video(place: str, segments: Sequence[Segment]) -> dict:
+    """Of a whole session's summary, or of a run of its segments (SpanSummary)."""
+    return {"place": place, "activities": [s.activity for s in segments]}
 
 
 # ---- the parser -------------------------------------------------------------------
@@ -136,6 +137,7 @@ def _parse_segment(text: str) -> dict | None:
     return {"activity": activity, "objects": objects}
 
 
+_PHRASES = {name: (phrase,) for name, phrase in SUMMARY_PHRASES.items()}
 _PLACE = "(?P<place>" + "|".join(PLACES) + ")"
 _SUMMARY_STYLES = [re.compile(p, re.IGNORECASE) for p in (
     rf"C was in the {_PLACE}\. C (?P<body>.+)\.",
@@ -151,12 +153,8 @@ def _parse_video(text: str) -> dict | None:
         if m is None:
             continue
         phrases = [p for p in _SEPARATORS.split(m["body"]) if p]
-        activities = []
-        for phrase in phrases:
-            name = next((n for n, p in SUMMARY_PHRASES.items()
-                         if re.fullmatch(_pattern(p), phrase, re.IGNORECASE)), None)
-            if name is None:
-                return None
-            activities.append(name)
-        return {"place": m["place"].lower(), "activities": activities}
+        found = [_match(_PHRASES, phrase) for phrase in phrases]
+        if None in found:
+            return None
+        return {"place": m["place"].lower(), "activities": [activity for activity, _ in found]}
     return None

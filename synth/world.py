@@ -70,11 +70,16 @@ class Segment:
 class SpanSummary:
     """A summary of a run of consecutive segments of a training video: extra video-level supervision, the
     corpus's counterpart of the pseudo-summaries an LLM writes for Ego4D in the Video ReCap paper."""
-    start_s: float
-    end_s: float
-    activities: tuple[str, ...]
-    segment_descriptions: tuple[str, ...]
+    segments: tuple[Segment, ...]
     summary: str
+
+    @property
+    def start_s(self) -> float:
+        return self.segments[0].start_s
+
+    @property
+    def end_s(self) -> float:
+        return self.segments[-1].end_s
 
 
 @dataclass(frozen=True)
@@ -131,11 +136,8 @@ def _span_summaries(place: str, segments: list[Segment], rng: np.random.Generato
     """Every run of consecutive segments but the whole video, summarised as a video is."""
     n = len(segments)
     runs = [segments[i:j] for i in range(n) for j in range(i + 1, n + 1) if j - i < n]
-    return tuple(SpanSummary(run[0].start_s, run[-1].end_s, tuple(g.activity for g in run),
-                             tuple(g.description for g in run),
-                             captions.video_summary(place, [(g.activity, [c.action for c in g.clips]) for g in run],
-                                                    rng))
-                 for run in runs)
+    return tuple(SpanSummary(tuple(run), captions.video_summary(
+        place, [(g.activity, [c.action for c in g.clips]) for g in run], rng)) for run in runs)
 
 
 def _activity_sequence(n: int, rng: np.random.Generator) -> list[str]:

@@ -54,14 +54,14 @@ def write_groundtruth(out: Path, sessions: list[Session]) -> None:
              "segment_descriptions": [g.description for g in s.segments], "video_summary": s.summary}
             for s in chosen] + [
             {"vid": s.vid, "start_sec": p.start_s, "end_sec": p.end_s,
-             "segment_descriptions": list(p.segment_descriptions), "video_summary": p.summary}
+             "segment_descriptions": [g.description for g in p.segments], "video_summary": p.summary}
             for s in chosen for p in s.span_summaries], indent=1).encode())
 
     levels = {
         "clip": [(s, c.start_s, c.end_s, c.caption, facts_of_clip(c.action)) for s in sessions for c in s.clips],
         "segment": [(s, g.start_s, g.end_s, g.description, facts_of_segment(g)) for s in sessions for g in s.segments],
-        "video": [(s, 0.0, s.duration_s, s.summary, facts_of_video(s)) for s in sessions] + [
-            (s, p.start_s, p.end_s, p.summary, {"place": s.place, "activities": list(p.activities)})
+        "video": [(s, 0.0, s.duration_s, s.summary, facts_of_video(s.place, s.segments)) for s in sessions] + [
+            (s, p.start_s, p.end_s, p.summary, facts_of_video(s.place, p.segments))
             for s in sessions for p in s.span_summaries],
     }
     (out / "groundtruth").mkdir(exist_ok=True)

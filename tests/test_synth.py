@@ -231,9 +231,9 @@ def test_parsing_every_caption_of_a_corpus_gives_its_planned_facts(preset):
             assert facts.parse("clip", c.caption) == facts.facts_of_clip(c.action), c.caption
         for g in s.segments:
             assert facts.parse("segment", g.description) == facts.facts_of_segment(g), g.description
-        assert facts.parse("video", s.summary) == facts.facts_of_video(s), s.summary
+        assert facts.parse("video", s.summary) == facts.facts_of_video(s.place, s.segments), s.summary
         for span in s.span_summaries:
-            assert facts.parse("video", span.summary) == {"place": s.place, "activities": list(span.activities)}
+            assert facts.parse("video", span.summary) == facts.facts_of_video(s.place, span.segments), span.summary
     seen = {(level, key) for s in sessions for level, key in
             [("clip", c.action.verb) for c in s.clips] + [("segment", g.activity) for g in s.segments]}
     assert len(seen) == len(CLIP_TEMPLATES) + len(SEGMENT_TEMPLATES)  # every verb and activity was exercised
@@ -269,9 +269,7 @@ def test_span_summaries_cover_every_run_of_segments_of_training_videos_only():
         assert runs == {(s.segments[i].start_s, s.segments[j - 1].end_s)
                         for i in range(n) for j in range(i + 1, n + 1) if j - i < n}
         for p in s.span_summaries:
-            inside = [g for g in s.segments if p.start_s <= g.start_s and g.end_s <= p.end_s]
-            assert p.activities == tuple(g.activity for g in inside)
-            assert p.segment_descriptions == tuple(g.description for g in inside)
+            assert p.segments == tuple(g for g in s.segments if p.start_s <= g.start_s and g.end_s <= p.end_s)
 
 
 def test_the_ground_truth_tables_carry_the_facts(corpus):
