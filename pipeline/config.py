@@ -17,6 +17,9 @@ from pathlib import Path
 class WindowConfig:
     clip_s: float = 4.0          # clip windows [4k, 4k+4)
     segment_s: float = 180.0     # segment windows [180j, 180j+180)
+    # A last segment shorter than this share of segment_s joins the one before: a few seconds left at the
+    # end of a video are no activity of their own, and a description of them misleads the summary.
+    segment_min_tail: float = 0.5
 
 
 @dataclass(frozen=True)

@@ -42,9 +42,8 @@ DEMO_SETTINGS = {
     "captions": {"batch_size": 128},
 }
 # Training examples: 2,144 clips, 260 segments, 64 videos + ~600 runs of segments. Shape needs 17 clip
-# epochs (89-91% at 15); the segment activity 30 (58-86% at 20); the video level gains from more than
-# 8 epochs, though its validation loss is lowest at 8-10 (docs/caption-accuracy.md).
-EPOCHS = {"clip": 17, "segment": 30, "video": 12}
+# epochs (89-91% at 15); the segment activity 30 (58-86% at 20); the video level 15 (docs/caption-accuracy.md).
+EPOCHS = {"clip": 17, "segment": 30, "video": 15}
 
 
 def demo_config(store: str, segment_s: float) -> Config:

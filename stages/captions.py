@@ -207,7 +207,8 @@ class SegmentStage(CaptionStage):
     def examples(self, unit, store, reader):
         lower = _lower_captions(store, self.upstream)
         clips = lower(unit.video_id)
-        spans = window_times(unit.payload["duration_s"], self.cfg.windows.segment_s)
+        w = self.cfg.windows
+        spans = window_times(unit.payload["duration_s"], w.segment_s, w.segment_min_tail)
         return [reader.span(unit.video_id, s, e, clips) for s, e in spans.tolist()]
 
 

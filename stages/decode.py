@@ -18,11 +18,16 @@ import decord
 import numpy as np
 
 
-def window_times(duration_s: float, clip_s: float = 4.0) -> np.ndarray:
-    """[n, 2] start/end seconds of the clip windows covering a video."""
+def window_times(duration_s: float, clip_s: float = 4.0, min_tail: float = 0.0) -> np.ndarray:
+    """[n, 2] start/end seconds of the windows covering a video; a last window shorter than
+    `min_tail` x `clip_s` joins the one before (when there is one)."""
     n = max(1, math.ceil(duration_s / clip_s - 1e-9))
     starts = np.arange(n, dtype=np.float64) * clip_s
-    return np.stack([starts, np.minimum(starts + clip_s, duration_s)], axis=1)
+    windows = np.stack([starts, np.minimum(starts + clip_s, duration_s)], axis=1)
+    if n > 1 and windows[-1, 1] - windows[-1, 0] < min_tail * clip_s - 1e-9:
+        windows = windows[:-1]
+        windows[-1, 1] = duration_s
+    return windows
 
 
 def sample_times(windows: np.ndarray, frames: int) -> np.ndarray:

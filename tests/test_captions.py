@@ -72,7 +72,10 @@ def test_each_level_fills_its_windows_and_rerun_does_nothing(featured_store, che
         clips = [(r["start_s"], r["end_s"]) for r in tables["clip"] if r["video_id"] == vid]
         assert clips == [(4.0 * k, min(4.0 * k + 4, duration)) for k in range(math.ceil(duration / 4))]
         segments = [(r["start_s"], r["end_s"]) for r in tables["segment"] if r["video_id"] == vid]
-        assert segments == [(24.0 * k, min(24.0 * k + 24, duration)) for k in range(math.ceil(duration / 24))]
+        tiles = [(24.0 * k, min(24.0 * k + 24, duration)) for k in range(math.ceil(duration / 24))]
+        if len(tiles) > 1 and tiles[-1][1] - tiles[-1][0] < 12:  # a short tail joins the segment before
+            tiles = tiles[:-2] + [(tiles[-2][0], duration)]
+        assert segments == tiles
         assert [(r["start_s"], r["end_s"]) for r in tables["video"] if r["video_id"] == vid] == [(0.0, duration)]
     assert all(isinstance(r["text"], str) for level in tables.values() for r in level)
 

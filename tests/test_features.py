@@ -49,6 +49,10 @@ def test_windows_and_frames_hand_computed():
     np.testing.assert_array_equal(window_times(10.0), [[0, 4], [4, 8], [8, 10]])
     np.testing.assert_array_equal(window_times(8.0), [[0, 4], [4, 8]])
     np.testing.assert_array_equal(window_times(2.5), [[0, 2.5]])  # shorter than a window: still one
+    # Segments: a tail under half a window joins the last one; a longer tail keeps its own window.
+    np.testing.assert_array_equal(window_times(98.0, 32.0, 0.5), [[0, 32], [32, 64], [64, 98]])
+    np.testing.assert_array_equal(window_times(82.0, 32.0, 0.5), [[0, 32], [32, 64], [64, 82]])
+    np.testing.assert_array_equal(window_times(10.0, 32.0, 0.5), [[0, 10]])
     times = sample_times(window_times(10.0), 4)
     np.testing.assert_allclose(times[0], [0.5, 1.5, 2.5, 3.5])
     np.testing.assert_allclose(times[2], [8.25, 8.75, 9.25, 9.75])  # clipped last window: midpoints of 2 s
