@@ -332,7 +332,7 @@ def timed(fn):
 
 
 def throughput(paths: dict, quick: bool, scratch: Path) -> None:
-    from stages.features import FeaturesStage
+    from pipeline.dag import features_stage
 
     default_threads = torch.get_num_threads()
     base_windows = 8 if quick else 32
@@ -348,17 +348,17 @@ def throughput(paths: dict, quick: bool, scratch: Path) -> None:
             windows = window_times(duration(path))
             n = len(windows) if limit is None else min(limit, len(windows))
             spec = describe_encoder(name)
-            cfg = load_config(features={"encoder": name})
-            stage = FeaturesStage(cfg.features, cfg.windows)
+            cfg = load_config(features={"encoder": name, "random_weights": True})
+            stage = features_stage(cfg)
             if threads is None:  # the stage as users run it: setup() builds the encoder and sets torch threads
                 torch.set_num_threads(default_threads)
                 stage.setup()
                 threads = f"{torch.get_num_threads()} (stage)"
             else:  # torch's default beside the decode thread: the stage before d713843 when run in-process
                 torch.set_num_threads(threads)
-                stage.encoder = build_encoder(name)
+                stage.encoder_model = build_encoder(name)
                 threads = f"{threads} (torch default)"
-            encoder = stage.encoder
+            encoder = stage.encoder_model
             log(f"throughput: {name} on {video}, {n} windows, {threads} torch threads ({load()})")
             frames = decode_only(path, spec.image_size, windows, n, stage.batch_size)
             indices = _reader(path, spec.image_size, windows).indices
@@ -402,11 +402,11 @@ def memory_child(path: str, root: str) -> None:
     import psutil
 
     from pipeline.runner import run_stage
-    from stages.features import FeaturesStage
+    from pipeline.dag import features_stage
 
     store = make_store(path, Path(root))
     cfg = load_config(features={"encoder": "tsf-tiny", "tokens": True})
-    stage = FeaturesStage(cfg.features, cfg.windows)
+    stage = features_stage(cfg)
     before = psutil.Process().memory_info().rss
     t = time.perf_counter()
     summary = run_stage(stage, store, executor="local", stream=open(os.devnull, "w"))

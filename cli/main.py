@@ -7,11 +7,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.config import load_config
+from pipeline.config import settle
 from pipeline.ingest import ingest as ingest_videos
 from pipeline.ingest import ingest_hcap
 from pipeline.progress import Summary
-from pipeline.status import format_status, status_rows
+from pipeline.status import failure_lines, format_status, status_rows
 from store import Store
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -24,27 +24,42 @@ ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML 
 
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg="red", err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(EXIT_USAGE)
 
 
-def _load(store: str | None, config: Path | None, **overrides):
+# Exit codes: 0 all done or skipped; 1 some units failed; 2 bad input (nothing ran); 3 some units are
+# blocked on inputs an earlier stage has not made (the lines above it name the command to run).
+EXIT_FAILED, EXIT_USAGE, EXIT_BLOCKED = 1, 2, 3
+
+
+def _load(store: str | None, config: Path | None, *, record: bool = True, **overrides):
+    """The store's settings, then --config, then flags. Commands that work record changes in the store;
+    commands that only read (`record=False`) neither record nor create a store."""
     try:
-        return load_config(config, store=store, **overrides)
+        cfg = settle(store, config, record=record, devices=record, **overrides)
+        if not record:
+            Store(cfg.store, create=False)
+        return cfg
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
 
 
-def _open(store: str | None, config: Path | None):
-    cfg = _load(store, config)
+def _open(store: str | None, config: Path | None, record: bool = True):
+    cfg = _load(store, config, record=record)
     return cfg, Store(cfg.store)
 
 
 def _exit_for(*summaries: Summary) -> None:
     failed = sum(s.failed for s in summaries)
+    blocked = sum(s.blocked for s in summaries)
     if failed:
         typer.secho(f"{failed} unit(s) failed; see failure records under failures/ or `recap status`",
                     fg="yellow", err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_FAILED)
+    if blocked:
+        typer.secho(f"{blocked} unit(s) blocked on an earlier stage; run the command named above, then this "
+                    f"one again", fg="yellow", err=True)
+        raise typer.Exit(EXIT_BLOCKED)
 
 
 @app.command()
@@ -93,18 +108,16 @@ AddressOpt = Annotated[Optional[str], typer.Option(help="Ray cluster address [de
 LocalOpt = Annotated[bool, typer.Option("--local", help="Run in this process instead of on Ray (debugging)")]
 
 
-def _run(stage_cls, cfg, st: Store, retry_failed: bool, local: bool):
+def _run(build, cfg, st: Store, retry_failed: bool, local: bool):
+    """Build the stage (`build()`: bad settings fail here), check it, run it; exit as `_exit_for` says."""
     from pipeline.runner import run_stage
 
     try:
-        stage = stage_cls(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        _fail(str(e))
-    try:
+        stage = build()
         summary = run_stage(stage, st, executor="local" if local else cfg.run.executor, workers=cfg.run.workers,
                             address=cfg.run.address or None, retry_failed=retry_failed,
                             max_retries=cfg.run.max_retries)
-    except (ValueError, FileNotFoundError) as e:  # the stage's check(): bad checkpoint, config
+    except (ValueError, FileNotFoundError) as e:  # settings, or the stage's check(): a bad checkpoint
         _fail(str(e))
     _exit_for(summary)
 
@@ -122,32 +135,16 @@ def features(store: StoreOpt = None, config: ConfigOpt = None,
              workers: WorkersOpt = None, address: AddressOpt = None, retry_failed: RetryOpt = False,
              local: LocalOpt = False):
     """Per 4-s window CLS (and tokens) of every registered video, into Zarr."""
-    from stages.features import FeaturesStage
+    from pipeline.dag import features_stage
 
     feats = {"encoder": encoder, "checkpoint": checkpoint, "tokens": tokens, "batch_size": batch_size,
              "device": device}
-    cfg = _load(store, config, features={k: v for k, v in feats.items() if v is not None},
-                run={k: v for k, v in {"workers": workers, "address": address}.items() if v is not None})
-    _run(lambda c: FeaturesStage(c.features, c.windows), cfg, Store(cfg.store), retry_failed, local)
+    cfg = _load(store, config, features=_given(feats), run=_given({"workers": workers, "address": address}))
+    _run(lambda: features_stage(cfg), cfg, Store(cfg.store), retry_failed, local)
 
 
-def _caption_command(level: str, store, config, checkpoint, method, batch_size, workers, address, retry_failed,
-                     local):
-    from pipeline.dag import build_stages
-
-    caps = {f"{level}_checkpoint": checkpoint, "method": method, "batch_size": batch_size}
-    cfg = _load(store, config, captions={k: v for k, v in caps.items() if v is not None},
-                run={k: v for k, v in {"workers": workers, "address": address}.items() if v is not None})
-    upto = {"clip": "captions", "segment": "segments", "video": "summaries"}[level]
-    st = Store(cfg.store)
-    try:
-        chain = build_stages(cfg, st, upto=upto)
-    except ValueError as e:
-        _fail(str(e))
-    if chain[-1].name != upto:
-        _fail(f"no {level} checkpoint: pass --checkpoint, set captions.{level}_checkpoint, or run "
-              f"`recap train --level {level}`; earlier levels need theirs too")
-    _run(lambda c: chain[-1], cfg, st, retry_failed, local)
+def _given(values: dict) -> dict:
+    return {k: v for k, v in values.items() if v is not None}
 
 
 CheckpointOpt = Annotated[Optional[str], typer.Option(help="Our checkpoint folder or an official .pth "
@@ -156,29 +153,35 @@ MethodOpt = Annotated[Optional[str], typer.Option(help="greedy | beam | sample")
 BatchOpt = Annotated[Optional[int], typer.Option(help="Windows per generate call")]
 
 
-@app.command()
-def captions(store: StoreOpt = None, config: ConfigOpt = None, checkpoint: CheckpointOpt = None,
-             method: MethodOpt = None, batch_size: BatchOpt = None, workers: WorkersOpt = None,
-             address: AddressOpt = None, retry_failed: RetryOpt = False, local: LocalOpt = False):
-    """Clip captions for every 4-s window of every video, into captions/clip."""
-    _caption_command("clip", store, config, checkpoint, method, batch_size, workers, address, retry_failed, local)
+def _caption_command(level: str, doc: str):
+    """`recap captions | segments | summaries`: one command per level, the same options."""
+    from store import LEVEL
+
+    def command(store: StoreOpt = None, config: ConfigOpt = None, checkpoint: CheckpointOpt = None,
+                method: MethodOpt = None, batch_size: BatchOpt = None, workers: WorkersOpt = None,
+                address: AddressOpt = None, retry_failed: RetryOpt = False, local: LocalOpt = False):
+        from pipeline.dag import build_stages
+
+        caps = {f"{level}_checkpoint": checkpoint, "method": method, "batch_size": batch_size}
+        cfg = _load(store, config, captions=_given(caps), run=_given({"workers": workers, "address": address}))
+        st = Store(cfg.store)
+
+        def build():
+            chain = build_stages(cfg, st, upto=LEVEL[level].stage)
+            if chain[-1].name != LEVEL[level].stage:
+                raise FileNotFoundError(f"no {level} checkpoint: pass --checkpoint, set captions.{level}_checkpoint,"
+                                        f" or run `recap train --level {level}`; earlier levels need theirs too")
+            return chain[-1]
+        _run(build, cfg, st, retry_failed, local)
+
+    command.__doc__ = doc
+    app.command(LEVEL[level].stage)(command)
 
 
-@app.command()
-def segments(store: StoreOpt = None, config: ConfigOpt = None, checkpoint: CheckpointOpt = None,
-             method: MethodOpt = None, batch_size: BatchOpt = None, workers: WorkersOpt = None,
-             address: AddressOpt = None, retry_failed: RetryOpt = False, local: LocalOpt = False):
-    """Segment descriptions: sparse CLS + the clip captions of each segment window, into captions/segment."""
-    _caption_command("segment", store, config, checkpoint, method, batch_size, workers, address, retry_failed,
-                     local)
-
-
-@app.command()
-def summaries(store: StoreOpt = None, config: ConfigOpt = None, checkpoint: CheckpointOpt = None,
-              method: MethodOpt = None, batch_size: BatchOpt = None, workers: WorkersOpt = None,
-              address: AddressOpt = None, retry_failed: RetryOpt = False, local: LocalOpt = False):
-    """Video summaries: sparse CLS of the video + its segment descriptions, into captions/video."""
-    _caption_command("video", store, config, checkpoint, method, batch_size, workers, address, retry_failed, local)
+_caption_command("clip", "Clip captions for every 4-s window of every video, into captions/clip.")
+_caption_command("segment", "Segment descriptions: sparse CLS + the clip captions of each segment window, "
+                            "into captions/segment.")
+_caption_command("video", "Video summaries: sparse CLS of the video + its segment descriptions, into captions/video.")
 
 
 @app.command()
@@ -224,7 +227,7 @@ def evaluate(store: StoreOpt = None, config: ConfigOpt = None,
     from pipeline.evaluate import evaluate_all
 
     ev = {"split": split, "protocols": tuple(protocol) if protocol else None}
-    cfg = _load(store, config, evaluate={k: v for k, v in ev.items() if v is not None})
+    cfg = _load(store, config, record=False, evaluate={k: v for k, v in ev.items() if v is not None})
     if by not in (None, "video"):
         _fail(f"--by takes 'video', got {by!r}")
     try:
@@ -243,8 +246,8 @@ def run(store: StoreOpt = None, config: ConfigOpt = None,
     """The DAG: features -> captions -> segments -> summaries; only new or failed (with --retry-failed) work."""
     from pipeline.run import run_all
 
-    cfg = _load(store, config, run={k: v for k, v in {"workers": workers, "address": address}.items()
-                                    if v is not None})
+    cfg = _load(store, config, record=not dry_run, run={k: v for k, v in {"workers": workers, "address": address}.items()
+                                                        if v is not None})
     try:
         summaries = run_all(cfg, Store(cfg.store), dry_run=dry_run, retry_failed=retry_failed, local=local)
     except (ValueError, FileNotFoundError) as e:
@@ -257,9 +260,12 @@ def status(store: StoreOpt = None, config: ConfigOpt = None):
     """Per stage and level: units done / failed / pending, with sizes."""
     from pipeline.dag import build_stages
 
-    cfg, st = _open(store, config)
+    cfg, st = _open(store, config, record=False)
     typer.echo(f"store: {st.root}")
-    typer.echo(format_status(status_rows(st, build_stages(cfg, st))))
+    rows = status_rows(st, build_stages(cfg, st))
+    typer.echo(format_status(rows))
+    for line in failure_lines(st, rows):
+        typer.echo(line)
 
 
 @app.command()

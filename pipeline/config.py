@@ -1,8 +1,13 @@
-"""Pipeline configuration: defaults are the official Video ReCap values; a TOML file overrides them.
+"""Pipeline configuration: defaults are the official Video ReCap values; TOML files override them.
 
     [features]
     encoder = "tsf-base"
     checkpoint = "/ckpt/clip_openai_timesformer_base.baseline.ep_0003.pth"
+
+A store remembers its settings in `recap.toml` at its root (only what differs from the defaults). A
+command merges, in order: the defaults, the store's file, a `--config` file, its flags; a command that
+works records what changed (`settle`). Every value with a range or a set of choices is checked here,
+before any work (`check_config`).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ class WindowConfig:
 class FeaturesConfig:
     encoder: str = "tsf-base"    # see models.encoders; "tsf-tiny" for tests and the demo
     checkpoint: str = ""         # local LaViLa / VideoPrism weights; empty = seeded random weights
+    random_weights: bool = False  # allow a full-size encoder without a checkpoint (benchmarks only)
     tokens: bool = True          # store all tokens per window (the clip level needs them)
     batch_size: int = 0          # windows per encoder call; 0: 16 on CUDA, 4 on CPU (where 16 is 27%
                                  # slower per window for TimeSformer-B: bench/features.py)
@@ -38,7 +44,7 @@ class FeaturesConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     size: str = "base"           # model size: base (official GPT-2 / BERT base) | demo | tiny
-    epochs: int = 5              # official: clip 5, segment +10, video +10
+    epochs: int = 0              # 0: the level's official count (store.LEVEL: clip 5, segment 10, video 10)
     batch_size: int = 32
     lr: float = 1e-4
     weight_decay: float = 0.01
@@ -58,7 +64,7 @@ class CaptionConfig:
     clip_checkpoint: str = ""    # our checkpoint folder or an official .pth; empty = latest trained in the store
     segment_checkpoint: str = ""
     video_checkpoint: str = ""
-    method: str = "greedy"       # greedy | beam | nucleus
+    method: str = "greedy"       # greedy | beam | sample (nucleus sampling with top_p)
     num_beams: int = 4
     top_p: float = 0.9
     batch_size: int = 64         # windows per generate call
@@ -119,15 +125,175 @@ def _merge(obj, overrides: dict, where: str):
 
 def load_config(path: str | os.PathLike | None = None, **overrides) -> Config:
     """Defaults, then the TOML file, then keyword overrides like features={"encoder": "tsf-tiny"}."""
-    config = Config()
-    if path:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: config file not found")
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"{path}: not valid TOML ({e})") from None
-        config = _merge(config, data, str(path))
+    config = _merge(Config(), _read_toml(path), str(path)) if path else Config()
     clean = {k: v for k, v in overrides.items() if v is not None and v != {}}
-    return _merge(config, clean, "overrides") if clean else config
+    return check_config(_merge(config, clean, "overrides") if clean else config, devices=False)
+
+
+# ---- checks ----------------------------------------------------------------------
+
+class ConfigError(ValueError):
+    """A setting out of its range or choices: names the key, the value and what is allowed."""
+
+
+def _choices(*allowed):
+    return lambda v: None if v in allowed else f"not one of {', '.join(map(str, allowed))}"
+
+
+def _at_least(low, strict=False):
+    return lambda v: None if (v > low if strict else v >= low) else f"must be {'>' if strict else '>='} {low}"
+
+
+def _fraction(v):
+    return None if 0 <= v < 1 else "must be in [0, 1)"
+
+
+def _device(v):
+    return None if v == "cpu" or v == "cuda" or (v.startswith("cuda:") and v[5:].isdigit()) \
+        else "not cpu, cuda or cuda:N"
+
+
+def _rules() -> dict:
+    from models.encoders import ENCODERS
+    from stages.train import FREEZE, SIZES
+
+    return {
+        "windows.clip_s": _at_least(0, strict=True), "windows.segment_s": _at_least(0, strict=True),
+        "windows.segment_min_tail": _fraction,
+        "features.encoder": _choices(*ENCODERS), "features.batch_size": _at_least(0),
+        "features.device": _device, "features.chunk_windows": _at_least(1), "features.rows_per_chunk": _at_least(1),
+        "features.decode_threads": _at_least(1),
+        "train.size": _choices(*SIZES), "train.epochs": _at_least(0), "train.batch_size": _at_least(1),
+        "train.lr": _at_least(0, strict=True), "train.weight_decay": _at_least(0), "train.warmup_frac": _fraction,
+        "train.grad_clip": _at_least(0), "train.freeze": _choices(*FREEZE),
+        "train.lower": _choices("predicted", "groundtruth"), "train.vocab_size": _at_least(8),
+        "train.workers": _at_least(1),
+        "captions.method": _choices("greedy", "beam", "sample"), "captions.num_beams": _at_least(1),
+        "captions.top_p": lambda v: None if 0 < v <= 1 else "must be in (0, 1]",
+        "captions.batch_size": _at_least(1), "captions.device": _device,
+        "evaluate.split": _choices("train", "val", "test"),
+        "evaluate.protocols": lambda v: None if v and set(v) <= {"videorecap", "coco"}
+        else "must name one or more of videorecap, coco",
+        "run.workers": _at_least(0), "run.executor": _choices("ray", "local"), "run.max_retries": _at_least(0),
+    }
+
+
+def check_config(config: Config, devices: bool = True) -> Config:
+    """Raise ConfigError for the first value out of range or choice. `devices`: also check that a CUDA device
+    asked for is present (commands that only read skip it, so a GPU cluster's store can be read anywhere)."""
+    values = flatten(config)
+    for key, rule in _rules().items():
+        problem = rule(values[key])
+        if problem:
+            raise ConfigError(f"{key} = {values[key]!r}: {problem}")
+    if devices:
+        for key in ("features.device", "captions.device"):
+            if values[key].startswith("cuda"):
+                import torch
+
+                index = int(values[key][5:] or 0) if ":" in values[key] else 0
+                if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+                    raise ConfigError(f"{key} = {values[key]!r}: no such CUDA device on this machine "
+                                      f"({torch.cuda.device_count()} visible); use cpu")
+    return config
+
+
+def flatten(config: Config) -> dict:
+    """{"features.encoder": "tsf-base", ...} for every setting but the store root."""
+    return {f"{section}.{key}": value for section, table in asdict(config).items() if isinstance(table, dict)
+            for key, value in table.items()}
+
+
+# ---- the store's own settings -------------------------------------------------------
+
+SETTINGS_FILE = "recap.toml"
+# Local paths recorded absolute, so the store's settings hold wherever a command runs.
+PATH_SETTINGS = ("features.checkpoint", "captions.clip_checkpoint", "captions.segment_checkpoint",
+                 "captions.video_checkpoint", "captions.tokenizer", "train.tokenizer")
+
+
+def settle(store: str | None = None, path: str | os.PathLike | None = None, *, record: bool = True,
+           devices: bool = True, stream=None, **overrides) -> Config:
+    """The configuration a command runs with: defaults, the store's `recap.toml`, the `path` file, then
+    `overrides`; checked. `record`: write what changed into the store's file, with a one-line notice."""
+    import sys
+
+    import fsspec
+
+    data = _read_toml(path) if path else {}
+    root = store or data.pop("store", None) or Config.store
+    data.pop("store", None)
+    fs, settings = fsspec.core.url_to_fs(root)
+    settings = f"{settings.rstrip('/')}/{SETTINGS_FILE}"
+    remembered = Config(store=root)
+    if fs.isfile(settings):
+        remembered = _merge(remembered, _parse_toml(fs.cat_file(settings).decode(), f"{root}/{SETTINGS_FILE}"),
+                            f"{root}/{SETTINGS_FILE}")
+    clean = {k: v for k, v in overrides.items() if v is not None and v != {}}
+    config = _absolute_paths(_merge(_merge(remembered, data, str(path)), clean, "flags"))
+    check_config(config, devices)
+    before, after = flatten(remembered), flatten(config)
+    changed = [k for k in after if after[k] != before[k]]
+    if record and (changed or not fs.isfile(settings)) and after != flatten(Config()):
+        fs.makedirs(settings.rsplit("/", 1)[0], exist_ok=True)
+        tmp = f"{settings}.tmp-{os.getpid()}"
+        fs.pipe_file(tmp, to_toml(config).encode())
+        fs.mv(tmp, settings)
+        what = ", ".join(f"{k} {before[k]!r} -> {after[k]!r}" for k in changed) or "first settings"
+        print(f"[config] {root}/{SETTINGS_FILE}: {what}", file=stream or sys.stderr)
+    return config
+
+
+def record_settings(config: Config, stream=None) -> Config:
+    """Write `config` as its store's settings (the demo, which builds its configuration in code)."""
+    return settle(config.store, record=True, stream=stream, **{
+        section: table for section, table in asdict(config).items() if isinstance(table, dict)})
+
+
+def _absolute_paths(config: Config) -> Config:
+    values = flatten(config)
+    fixes = {}
+    for key in PATH_SETTINGS:
+        value = values[key]
+        if value and "://" not in value and not os.path.isabs(value):
+            section, name = key.split(".")
+            fixes.setdefault(section, {})[name] = os.path.abspath(value)
+    return _merge(config, fixes, "paths") if fixes else config
+
+
+def to_toml(config: Config) -> str:
+    """The settings that differ from the defaults, as TOML."""
+    defaults = flatten(Config())
+    lines = ["# recap settings of this store: what differs from the defaults. Commands read this file",
+             "# first, then --config, then their flags; a command that changes a setting records it here."]
+    for section, table in asdict(config).items():
+        if not isinstance(table, dict):
+            continue
+        changed = {k: v for k, v in table.items() if defaults[f"{section}.{k}"] != v}
+        if changed:
+            lines += ["", f"[{section}]"] + [f"{k} = {_toml_value(v)}" for k, v in changed.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value) -> str:
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(value) if isinstance(value, str) else repr(value)
+
+
+def _read_toml(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: config file not found")
+    return _parse_toml(path.read_text(), str(path))
+
+
+def _parse_toml(text: str, where: str) -> dict:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{where}: not valid TOML ({e})") from None

@@ -1,23 +1,47 @@
-"""The stages of a full run, in order, built from one config."""
+"""The configuration resolved into stages, once: every stage gets plain parameters, and the default
+checkpoint of a level (the one `recap train` finished last) is looked up here and nowhere else."""
 
 from __future__ import annotations
 
 from pipeline.config import Config
 from stages.base import Stage
+from stages.captions import CAPTION_STAGES, CaptionStage
 from stages.features import FeaturesStage
-from store import Store
+from store import LEVELS, Store, latest_checkpoint
 
 
-def build_stages(config: Config, store: Store | None = None, upto: str | None = None) -> list[Stage]:
-    """features -> captions -> segments -> summaries; caption stages only where a checkpoint is known."""
-    from stages.captions import ClipCaptionStage, SegmentStage, SummaryStage
+def features_stage(config: Config) -> FeaturesStage:
+    f = config.features
+    batch_size = f.batch_size or (16 if f.device.startswith("cuda") else 4)  # CPU: bench/features.py
+    return FeaturesStage(encoder=f.encoder, checkpoint=f.checkpoint, clip_s=config.windows.clip_s, tokens=f.tokens,
+                         batch_size=batch_size, device=f.device, chunk_windows=f.chunk_windows,
+                         rows_per_chunk=f.rows_per_chunk, decode_threads=f.decode_threads,
+                         random_weights=f.random_weights)
 
-    stages: list[Stage] = [FeaturesStage(config.features, config.windows)]
-    for cls in (ClipCaptionStage, SegmentStage, SummaryStage):
-        if upto == stages[-1].name:
+
+def caption_stage(config: Config, level: str, checkpoint: str, upstream: Stage,
+                  features: FeaturesStage) -> CaptionStage:
+    c = config.captions
+    params = dict(checkpoint=checkpoint, upstream=upstream, features=features, method=c.method,
+                  num_beams=c.num_beams, top_p=c.top_p, batch_size=c.batch_size, device=c.device, tokenizer=c.tokenizer)
+    if level == "segment":
+        params |= dict(segment_s=config.windows.segment_s, segment_min_tail=config.windows.segment_min_tail)
+    return CAPTION_STAGES[level](**params)
+
+
+def level_checkpoint(config: Config, store: Store, level: str) -> str | None:
+    """The configured checkpoint of a level, else the latest trained in the store, else None."""
+    return getattr(config.captions, f"{level}_checkpoint") or latest_checkpoint(store, level)
+
+
+def build_stages(config: Config, store: Store, upto: str | None = None) -> list[Stage]:
+    """features -> captions -> segments -> summaries, up to the stage named `upto`, and only as far as
+    each level has a checkpoint."""
+    features = features_stage(config)
+    stages: list[Stage] = [features]
+    for level in LEVELS:
+        checkpoint = level_checkpoint(config, store, level)
+        if upto == stages[-1].name or not checkpoint:
             break
-        try:
-            stages.append(cls(config, store or Store(config.store), stages[-1]))
-        except FileNotFoundError:  # no checkpoint for this level yet: the DAG ends here
-            break
+        stages.append(caption_stage(config, level, checkpoint, stages[-1], features))
     return stages

@@ -19,15 +19,14 @@ from pathlib import Path
 import torch
 
 import synth
-from pipeline.config import Config, load_config
+from pipeline.config import Config, load_config, record_settings
+from pipeline.dag import caption_stage, features_stage
 from pipeline.ingest import ingest_hcap
 from pipeline.progress import Summary
 from pipeline.runner import run_stage
-from pipeline.train import LOWER_LEVEL, train
-from stages.captions import ClipCaptionStage, SegmentStage, SummaryStage, write_latest
+from pipeline.train import train
 from stages.evaluate import SEMANTIC, evaluate_level, evaluate_pairs, meteor_scorer, semantic_scores, write_metrics
-from stages.features import FeaturesStage
-from store import LEVELS, Store, read_groundtruth
+from store import LEVEL, LEVELS, Store, read_groundtruth, record_latest
 
 PROTOCOL = "videorecap"
 METRICS = ("CIDEr", "ROUGE_L", "METEOR")
@@ -64,7 +63,7 @@ def run_demo(store_root: str, data: Path, preset: str = "demo", seed: int = 0,
     step(f"corpus: synthetic '{preset}' preset, seed {seed}, in {data}")
     synth.generate(preset, data, seed=seed)
     segment_s = float(json.loads((data / "manifest.json").read_text())["segment_s"])
-    config = demo_config(store_root, segment_s)
+    config = record_settings(demo_config(store_root, segment_s), stream)  # later commands need no flags
     store = Store(config.store)
     summaries = [ingest_hcap(store, str(data), str(data / "videos"), stream=stream)]
 
@@ -73,19 +72,18 @@ def run_demo(store_root: str, data: Path, preset: str = "demo", seed: int = 0,
                                    stream=stream))
         return stage
 
-    features = stage_run(FeaturesStage(config.features, config.windows))
+    features = stage_run(features_stage(config))
     chain = {"features": features}
     lower_stage = features
-    for level, stage_cls in (("clip", ClipCaptionStage), ("segment", SegmentStage), ("video", SummaryStage)):
+    for level in LEVELS:
         step(f"train {level}")
-        init = store.abs(chain[f"{LOWER_LEVEL[level]}-checkpoint"]) if level != "clip" else None
-        lower = [lower_stage.version()] if level != "clip" else []
+        init = store.abs(chain[f"{LEVEL[level].lower}-checkpoint"]) if LEVEL[level].lower else None
+        lower = [lower_stage.version()] if LEVEL[level].lower else []
         trained = train(_with(config, "train", epochs=EPOCHS[level]), store, level, init_from=init,
                         lower_versions=lower, stream=stream)
         chain[f"{level}-checkpoint"] = trained.checkpoint
-        level_cfg = _with(config, "captions", **{f"{level}_checkpoint": store.abs(trained.checkpoint)})
         step(f"caption {level}")
-        lower_stage = stage_run(stage_cls(level_cfg, store, lower_stage))
+        lower_stage = stage_run(caption_stage(config, level, store.abs(trained.checkpoint), lower_stage, features))
         chain[level] = lower_stage
 
     baselines, init = {}, chain["clip-checkpoint"]
@@ -94,12 +92,11 @@ def run_demo(store_root: str, data: Path, preset: str = "demo", seed: int = 0,
         flat = _with(config, "train", epochs=EPOCHS[level], recursive=False)
         trained = train(flat, store, level, init_from=store.abs(init), stream=stream)
         init = trained.checkpoint
-        level_cfg = _with(config, "captions", **{f"{level}_checkpoint": store.abs(trained.checkpoint)})
-        baselines[level] = stage_run(
-            (SegmentStage if level == "segment" else SummaryStage)(level_cfg, store, chain[LOWER_LEVEL[level]]))
+        baselines[level] = stage_run(caption_stage(config, level, store.abs(trained.checkpoint),
+                                                   chain[LEVEL[level].lower], features))
 
     for level in LEVELS:  # the baselines trained last: caption commands default to the recursive models again
-        write_latest(store, level, chain[f"{level}-checkpoint"])
+        record_latest(store, level, chain[f"{level}-checkpoint"])
     step("evaluate on the test split")
     table = evaluation_table(store, {lvl: chain[lvl] for lvl in LEVELS}, baselines)
     print(format_table(table), file=sys.stdout)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import pyarrow as pa
 
 from pipeline.progress import Progress, Summary
 from stages.ingest import list_videos, probe_video, read_hcap
@@ -21,6 +24,7 @@ def ingest(store: Store, sources: list[str], threads: int = 4, stream=sys.stderr
     for source in sources:
         uris += [source] if Path(source).suffix.lower() in {".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v"} \
             else list_videos(source)
+    uris = [_absolute(uri) for uri in uris]
     summary = Summary(STAGE)
     known = {v["video_id"]: v["uri"] for v in read_videos(store, status=None)}
     claimed: dict[str, str] = {}
@@ -71,12 +75,21 @@ def ingest(store: Store, sources: list[str], threads: int = 4, stream=sys.stderr
 
 def ingest_hcap(store: Store, metadata_dir: str, videos_root: str, threads: int = 4,
                 stream=sys.stderr) -> Summary:
-    """Ego4D-HCap: ground truth from the metadata files, and ROOT/{vid}.mp4 registered."""
+    """Ego4D-HCap: ground truth from the metadata files, and ROOT/{vid}.mp4 registered. The ground truth is
+    keyed by the registry's ids (an id unsafe as a file name is cleaned the same way in both)."""
     tables = read_hcap(metadata_dir)
+    root = videos_root.rstrip("/")
+    uris = {vid: _absolute(f"{root}/{vid}.mp4") for t in tables.values() for vid in t["video_id"].to_pylist()}
+    ids = {vid: video_id_for(Path(uri).stem, uri) for vid, uri in uris.items()}
     for level, table in tables.items():
         if table.num_rows:
-            write_groundtruth(store, level, table)
+            keyed = pa.array([ids[v] for v in table["video_id"].to_pylist()], pa.string())
+            write_groundtruth(store, level, table.set_column(table.schema.get_field_index("video_id"), "video_id",
+                                                             keyed))
             print(f"[{STAGE}] ground truth {level}: {table.num_rows} rows", file=stream)
-    vids = sorted({v for t in tables.values() for v in t["video_id"].to_pylist()})
-    root = videos_root.rstrip("/")
-    return ingest(store, [f"{root}/{vid}.mp4" for vid in vids], threads, stream)
+    return ingest(store, sorted(set(uris.values())), threads, stream)
+
+
+def _absolute(uri: str) -> str:
+    """Registered absolute: later stages run from other folders, or on other Ray nodes."""
+    return uri if "://" in uri else os.path.abspath(uri)

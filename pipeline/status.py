@@ -1,4 +1,5 @@
-"""What the store holds, per stage and level: units done, failed, pending, and sizes."""
+"""What the store holds, per stage and level: units done, failed, pending, and sizes; every version in the
+store, which of them the store's settings make current, and the first failure messages."""
 
 from __future__ import annotations
 
@@ -39,14 +40,30 @@ def status_rows(store: Store, stages: list[Stage]) -> list[dict]:
         planned.add((stage.name, version))
         rows.append({"stage": stage.name, "what": version, "done": len(done), "failed": len(failed),
                      "pending": len(todo) + len(blocked), "size": stage_size(store, stage),
-                     "note": f"{len(blocked)} blocked on upstream" if blocked else ""})
+                     "note": "current" + (f", {len(blocked)} blocked on upstream" if blocked else "")})
     for name in store.listdir("markers"):
         for version in store.listdir(f"markers/{name}"):
             if (name, version) not in planned:
                 rows.append({"stage": name, "what": version, "done": len(store.listdir(f"markers/{name}/{version}")),
                              "failed": len(store.failures(name, version)), "pending": None, "size": None,
-                             "note": "other configuration"})
+                             "note": "not current (other settings)"})
     return rows
+
+
+def failure_lines(store: Store, rows: list[dict], first: int = 3) -> list[str]:
+    """The first failure messages of every stage version that has failures."""
+    lines = []
+    for r in rows:
+        if r["stage"] in ("ingest", "groundtruth") or not r["failed"]:
+            continue
+        records = store.failures(r["stage"], r["what"])
+        lines.append(f"{r['stage']} {r['what']}: {len(records)} failed")
+        lines += [f"  {f['unit']}: {f['message']}" for f in records[:first]]
+    ingest = store.failures("ingest")
+    if ingest:
+        lines.append(f"ingest: {len(ingest)} failed")
+        lines += [f"  {f['message']}" for f in ingest[:first]]
+    return lines
 
 
 def stage_size(store: Store, stage: Stage) -> int | None:

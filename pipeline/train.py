@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import asdict, astuple, dataclass
+from dataclasses import asdict, astuple, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -26,15 +26,15 @@ from models import checkpoint
 from models.recap import RecapConfig
 from models.tokenizer import Tokenizer
 from pipeline.config import Config
-from stages.captions import LEVEL_STAGE, weights_id, write_latest
+from pipeline.dag import features_stage
+from stages.captions import weights_id
 from stages.features import FeaturesStage
 from stages.train import (
     FREEZE, MODEL_RULES, SIZES, Item, TrainPlan, epoch_dir, last_epoch, level_config, sized_config, train_worker,
 )
-from store import LEVELS, Store, fingerprint, read_captions, read_groundtruth
+from store import LEVEL, LEVELS, Store, fingerprint, latest_checkpoint, read_captions, read_groundtruth, record_latest
 
 CURRICULUM = {"clip": ("clip",), "segment": ("segment",), "video": ("video",), "unified": LEVELS}
-LOWER_LEVEL = {"segment": "clip", "video": "segment"}
 LOWER_SOURCES = ("predicted", "groundtruth")
 
 
@@ -52,13 +52,13 @@ def train(config: Config, store: Store, level: str, *, init_from: str | None = N
     """Train `level` (clip | segment | video | unified) as `config.train` says; `lower_versions` names the
     predicted caption versions to read when there are several."""
     start = time.monotonic()
-    settings = config.train
+    settings = replace(config.train, epochs=config.train.epochs or LEVEL.get(level, LEVEL["video"]).epochs)
     _check_arguments(settings, store, level, init_from)
-    features = FeaturesStage(config.features, config.windows)
+    features = features_stage(config)
     levels = CURRICULUM[level]
     targets = {split: {lvl: _targets(store, lvl, split) for lvl in levels} for split in ("train", "val")}
     lower = {lvl: _lower_captions(store, lvl, settings.lower, lower_versions, targets, stream)
-             for lvl in levels if lvl in LOWER_LEVEL and settings.recursive}
+             for lvl in levels if LEVEL[lvl].lower and settings.recursive}
     feature_ids = _feature_fingerprints(store, features, targets, needs_tokens="clip" in levels)
 
     params = {k: v for k, v in asdict(settings).items() if k != "workers" and (k != "lower" or lower)}
@@ -84,8 +84,8 @@ def train(config: Config, store: Store, level: str, *, init_from: str | None = N
         _run_workers(plan, settings.workers, config.run.address or None, stream)
     else:
         print(f"[train {level}] already trained: {store.abs(final)}; nothing to do", file=stream)
-    if store.read_json(f"checkpoints/{level}/latest.json") != {"path": final}:
-        write_latest(store, level, final)
+    if latest_checkpoint(store, level) != store.abs(final):
+        record_latest(store, level, final)
     result = TrainResult(level, run, final, trained, time.monotonic() - start)
     if trained:
         print(f"[train {level}] done: {store.abs(final)} (default for captioning: checkpoints/{level}/latest.json)"
@@ -123,7 +123,7 @@ def _targets(store: Store, level: str, split: str) -> list[Item]:
 def _lower_captions(store: Store, level: str, source: str, versions: Sequence[str], targets: dict, stream):
     """video -> (start, end, text) of the level below, ground truth or a predicted caption version; fails
     naming the stage to run when a video of the targets has none."""
-    lower = LOWER_LEVEL[level]
+    lower = LEVEL[level].lower
     if source == "groundtruth":
         table = read_groundtruth(store, lower)
         if table is None:
@@ -139,7 +139,7 @@ def _lower_captions(store: Store, level: str, source: str, versions: Sequence[st
     missing = sorted(videos - set(by_video))
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(videos)} videos have no {lower} captions (e.g. {missing[0]}): "
-                                f"run `recap {LEVEL_STAGE[lower]}` for them, or train with --lower groundtruth")
+                                f"run `recap {LEVEL[lower].stage}` for them, or train with --lower groundtruth")
     return by_video
 
 
@@ -148,7 +148,7 @@ def _caption_version(store: Store, lower: str, versions: Sequence[str]) -> str:
     candidates = [v for v in versions if v in available] if versions else available
     if len(candidates) == 1:
         return candidates[0]
-    run = f"run `recap {LEVEL_STAGE[lower]}` first, or train with --lower groundtruth"
+    run = f"run `recap {LEVEL[lower].stage}` first, or train with --lower groundtruth"
     if not available:
         raise FileNotFoundError(f"no predicted {lower} captions in {store.root} (captions/{lower}/): {run}")
     if versions:

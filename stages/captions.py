@@ -11,6 +11,7 @@ reported as blocked with the stage to run, and skipped.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,22 +27,7 @@ from stages.base import Blocked, Resources, Stage, Unit
 from stages.decode import WindowReader, window_times
 from stages.examples import ExampleReader, collate
 from stages.features import FeaturesStage
-from store import CAPTION_SCHEMA, Store, captions_rel, file_digest, fingerprint, read_captions, read_videos
-
-LEVEL_STAGE = {"clip": "captions", "segment": "segments", "video": "summaries"}
-
-
-def resolve_checkpoint(store: Store, level: str, configured: str) -> str:
-    """The configured checkpoint, else the latest one `recap train` recorded for this level in the store."""
-    if configured:
-        return configured
-    pointer = store.read_json(f"checkpoints/{level}/latest.json")
-    if not pointer:
-        raise FileNotFoundError(f"no {level} checkpoint: set captions.{level}_checkpoint or run "
-                                f"`recap train --level {level}` first")
-    path = pointer["path"]
-    return path if Path(path).is_absolute() else store.abs(path)
-
+from store import LEVEL, CAPTION_SCHEMA, Store, captions_rel, file_digest, fingerprint, read_captions, read_videos
 
 def weights_id(path: str) -> str:
     """Content id of a checkpoint without loading it (a folder's safetensors, or an official .pth)."""
@@ -66,39 +52,44 @@ def load_captioner(path: str, tokenizer: str = "", device: str = "cpu") -> tuple
     return model.eval(), tok
 
 
+@dataclass(eq=False)
 class CaptionStage(Stage):
-    """Shared by the three levels; subclasses say which windows to caption and what text they read."""
+    """Shared by the three levels; subclasses say which windows to caption and what text they read.
+    Plain parameters (`pipeline.dag.caption_stage` resolves them from the configuration): the stage
+    reads `upstream`'s committed output, and the sparse CLS / tokens of `features`."""
 
+    checkpoint: str                # our checkpoint folder or an official .pth
+    upstream: Stage                # the stage this level reads: features (clip) or the level below
+    features: FeaturesStage
+    method: str = "greedy"         # greedy | beam | sample
+    num_beams: int = 4
+    top_p: float = 0.9
+    batch_size: int = 64           # windows per generate call
+    device: str = "cpu"
+    tokenizer: str = ""            # local GPT-2 tokenizer folder, for official .pth checkpoints
     level = "clip"
     work_name = "videos"
+    model = tokenizer_model = pixel_encoder = None  # built per worker
 
-    def __init__(self, config, store: Store, upstream: Stage):
-        self.cfg, self.store_root, self.upstream = config, store.root, upstream
-        self.checkpoint = resolve_checkpoint(store, self.level, getattr(config.captions, f"{self.level}_checkpoint"))
-        gpu = config.captions.device.startswith("cuda")
-        self.resources = Resources(cpus=1.0, gpus=1.0 if gpu else 0.0, memory_gb=2.0)
-        self.name = LEVEL_STAGE[self.level]
+    def __post_init__(self):
+        self.resources = Resources(cpus=1.0, gpus=1.0 if self.device.startswith("cuda") else 0.0, memory_gb=2.0)
+        self.name = LEVEL[self.level].stage
         self._version = None
-        self.model = self.tokenizer = None
-        self.pixel_encoder = None  # clip level, built on first need: videos whose tokens were not stored
+
+    def output_params(self) -> dict:
+        """What shapes this level's output beyond the model, decoding and input (segment: its windows)."""
+        return {}
 
     def version(self) -> str:
         if self._version is None:
-            c = self.cfg.captions
-            params = {"weights": weights_id(self.checkpoint), "method": c.method, "beams": c.num_beams,
-                      "top_p": c.top_p, "upstream": self.upstream.version(), "windows": vars(self.cfg.windows)}
+            params = {"weights": weights_id(self.checkpoint), "method": self.method, "beams": self.num_beams,
+                      "top_p": self.top_p, "upstream": self.upstream.version(), "windows": self.output_params()}
             self._version = f"{self.level}-{fingerprint(params, length=8)}"
         return self._version
 
     @property
     def output_dir(self) -> str:
         return f"captions/{self.level}/{self.version()}"
-
-    def features_stage(self) -> FeaturesStage:
-        stage = self.upstream
-        while not isinstance(stage, FeaturesStage):
-            stage = stage.upstream
-        return stage
 
     def plan(self, store: Store) -> list[Unit | Blocked]:
         up = self.upstream
@@ -130,21 +121,20 @@ class CaptionStage(Stage):
         self.setup()  # a bad checkpoint fails here once, not in every worker
 
     def __getstate__(self):  # Ray workers load their own models
-        return {**self.__dict__, "model": None, "tokenizer": None, "pixel_encoder": None}
+        return {**self.__dict__, "model": None, "tokenizer_model": None, "pixel_encoder": None}
 
     def setup(self) -> None:
         if self.model is None:
             self.use_reserved_cpus()
-            c = self.cfg.captions
-            self.model, self.tokenizer = load_captioner(self.checkpoint, c.tokenizer, c.device)
+            self.model, self.tokenizer_model = load_captioner(self.checkpoint, self.tokenizer, self.device)
 
     def process(self, unit: Unit, store: Store) -> dict:
         self.setup()
-        reader = ExampleReader(self.features_stage().feature_set(store), self.level, self.model.config.num_video_feat)
+        reader = ExampleReader(self.features.feature_set(store), self.level, self.model.config.num_video_feat)
         examples = self.examples(unit, store, reader)
         rows = []
-        for i in range(0, len(examples), self.cfg.captions.batch_size):
-            batch = examples[i:i + self.cfg.captions.batch_size]
+        for i in range(0, len(examples), self.batch_size):
+            batch = examples[i:i + self.batch_size]
             for example, (text, score) in zip(batch, self.caption(batch, unit)):
                 rows.append({"video_id": unit.video_id, "level": self.level, "start_s": example.start_s,
                              "end_s": example.end_s, "text": text, "score": score, "fingerprint": unit.fingerprint})
@@ -156,21 +146,22 @@ class CaptionStage(Stage):
 
     @torch.inference_mode()
     def caption(self, examples, unit: Unit) -> list[tuple[str, float]]:
-        device = self.cfg.captions.device
+        device, tok = self.device, self.tokenizer_model
         max_text = min(512, self.model.config.n_positions)  # official: 512, under GPT-2's 1024 positions
-        batch = {k: v.to(device) for k, v in collate(examples, self.tokenizer, max_text_tokens=max_text).items()}
+        batch = {k: v.to(device) for k, v in collate(examples, tok, max_text_tokens=max_text).items()}
         queries = self.model.map_features(batch["video"], batch.get("video_mask"), batch.get("text_ids"),
                                           batch.get("text_mask"))
-        c = self.cfg.captions
-        out = generate(self.model.text_decoder, queries, bos_id=self.tokenizer.bos_id, eos_id=self.tokenizer.eos_id,
-                       max_new_tokens=self.model.config.max_gen_tokens - 1, method=c.method, num_beams=c.num_beams,
-                       top_p=c.top_p, generator=torch.Generator(device).manual_seed(0), tokenizer=self.tokenizer)
+        out = generate(self.model.text_decoder, queries, bos_id=tok.bos_id, eos_id=tok.eos_id,
+                       max_new_tokens=self.model.config.max_gen_tokens - 1, method=self.method,
+                       num_beams=self.num_beams, top_p=self.top_p, generator=torch.Generator(device).manual_seed(0),
+                       tokenizer=tok)
         return list(zip(out.texts, out.scores.tolist()))
 
     def examples(self, unit: Unit, store: Store, reader: ExampleReader):
         raise NotImplementedError
 
 
+@dataclass(eq=False)
 class ClipCaptionStage(CaptionStage):
     level = "clip"
 
@@ -185,11 +176,10 @@ class ClipCaptionStage(CaptionStage):
         """Tokens were not stored (or were pruned): recompute them with the feature encoder."""
         from stages.examples import Example
 
-        features = self.features_stage()
+        f = self.features
         if self.pixel_encoder is None:  # once per worker
-            f = features.cfg
-            self.pixel_encoder = build_encoder(f.encoder, f.checkpoint or None, self.cfg.captions.device)
-        encoder, batch = self.pixel_encoder, features.batch_size
+            self.pixel_encoder = build_encoder(f.encoder, f.checkpoint or None, self.device)
+        encoder, batch = self.pixel_encoder, f.batch_size
         frames = WindowReader(unit.payload["uri"], encoder.image_size, encoder.num_frames, np.array(spans))
         examples = []
         for i in range(0, len(spans), batch):
@@ -201,17 +191,22 @@ class ClipCaptionStage(CaptionStage):
         return examples
 
 
+@dataclass(eq=False)
 class SegmentStage(CaptionStage):
+    segment_s: float = 180.0
+    segment_min_tail: float = 0.5  # a last window shorter than this share of segment_s joins the one before
     level = "segment"
 
+    def output_params(self) -> dict:
+        return {"segment_s": self.segment_s, "segment_min_tail": self.segment_min_tail}
+
     def examples(self, unit, store, reader):
-        lower = _lower_captions(store, self.upstream)
-        clips = lower(unit.video_id)
-        w = self.cfg.windows
-        spans = window_times(unit.payload["duration_s"], w.segment_s, w.segment_min_tail)
+        clips = _lower_captions(store, self.upstream)(unit.video_id)
+        spans = window_times(unit.payload["duration_s"], self.segment_s, self.segment_min_tail)
         return [reader.span(unit.video_id, s, e, clips) for s, e in spans.tolist()]
 
 
+@dataclass(eq=False)
 class SummaryStage(CaptionStage):
     level = "video"
 
@@ -230,6 +225,4 @@ def _lower_captions(store: Store, stage: CaptionStage):
     return read
 
 
-def write_latest(store: Store, level: str, path: str) -> None:
-    """Record the checkpoint caption stages use by default for `level` (written by training)."""
-    store.write_json(f"checkpoints/{level}/latest.json", {"path": path})
+CAPTION_STAGES = {"clip": ClipCaptionStage, "segment": SegmentStage, "video": SummaryStage}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import decord
 import numpy as np
@@ -20,30 +21,39 @@ from stages.decode import WindowReader, window_times
 from store import FeatureSet, Store, file_digest, fingerprint, read_videos
 
 
+@dataclass(eq=False)
 class FeaturesStage(Stage):
+    """Plain parameters (`pipeline.dag.features_stage` resolves them from the configuration)."""
+
+    encoder: str = "tsf-base"      # models.encoders.ENCODERS
+    checkpoint: str = ""           # local LaViLa .pth or VideoPrism folder; empty: seeded random weights
+    clip_s: float = 4.0            # window length
+    tokens: bool = True            # keep every token of a window, not only the CLS
+    batch_size: int = 4            # windows per encoder call
+    device: str = "cpu"
+    chunk_windows: int = 128       # windows per unit; a multiple of rows_per_chunk
+    rows_per_chunk: int = 64       # Zarr chunk rows of the CLS array
+    decode_threads: int = 1
+    random_weights: bool = False   # allow a full-size encoder without a checkpoint
     name = "features"
     work_name = "windows"
+    encoder_model = None           # built per worker in setup()
 
-    def __init__(self, features, windows):
-        """`features`: pipeline FeaturesConfig; `windows`: WindowConfig."""
-        if features.chunk_windows % features.rows_per_chunk:
-            raise ValueError(f"features.chunk_windows ({features.chunk_windows}) must be a multiple of "
-                             f"features.rows_per_chunk ({features.rows_per_chunk})")
-        self.cfg, self.clip_s = features, windows.clip_s
-        self.spec = describe_encoder(features.encoder, features.checkpoint or None)
-        gpu = features.device.startswith("cuda")
-        self.batch_size = features.batch_size or (16 if gpu else 4)
-        self.resources = Resources(cpus=1.0, gpus=1.0 if gpu else 0.0, memory_gb=2.0)
-        self.encoder = None
+    def __post_init__(self):
+        if self.chunk_windows % self.rows_per_chunk:
+            raise ValueError(f"features.chunk_windows ({self.chunk_windows}) must be a multiple of "
+                             f"features.rows_per_chunk ({self.rows_per_chunk})")
+        self.spec = describe_encoder(self.encoder, self.checkpoint or None)
+        self.resources = Resources(cpus=1.0, gpus=1.0 if self.device.startswith("cuda") else 0.0, memory_gb=2.0)
         self._reader: tuple[tuple, WindowReader] | None = None  # the last video's, reused by its next chunk
         self._version = None
 
     def version(self) -> str:
         if self._version is None:
-            weights = (file_digest(*_fs_path(self.cfg.checkpoint)) if self.cfg.checkpoint else "random-seed0")
-            params = {"encoder": self.cfg.encoder, "weights": weights, "clip_s": self.clip_s,
-                      "tokens": self.cfg.tokens, "spec": vars(self.spec)}
-            self._version = f"{self.cfg.encoder}-{fingerprint(params, length=8)}"
+            weights = file_digest(*_fs_path(self.checkpoint)) if self.checkpoint else "random-seed0"
+            params = {"encoder": self.encoder, "weights": weights, "clip_s": self.clip_s,
+                      "tokens": self.tokens, "spec": vars(self.spec)}
+            self._version = f"{self.encoder}-{fingerprint(params, length=8)}"
         return self._version
 
     @property
@@ -57,8 +67,8 @@ class FeaturesStage(Stage):
         units = []
         for video in read_videos(store):
             n = len(window_times(video["duration_s"], self.clip_s))
-            for start in range(0, n, self.cfg.chunk_windows):
-                stop = min(start + self.cfg.chunk_windows, n)
+            for start in range(0, n, self.chunk_windows):
+                stop = min(start + self.chunk_windows, n)
                 units.append(Unit(
                     id=f"{video['video_id']}@{start:06d}", video_id=video["video_id"],
                     fingerprint=fingerprint(self.version(), video["content_id"], start, stop),
@@ -68,29 +78,33 @@ class FeaturesStage(Stage):
         return units
 
     def __getstate__(self):  # Ray workers build their own encoder in setup() and open their own videos
-        return {**self.__dict__, "encoder": None, "_reader": None}
+        return {**self.__dict__, "encoder_model": None, "_reader": None}
 
     def check(self) -> None:
         """A checkpoint that does not fit the encoder fails here once, naming the keys, not in every worker."""
-        if self.cfg.checkpoint:
-            build_encoder(self.cfg.encoder, self.cfg.checkpoint, "cpu")
+        if self.checkpoint:
+            build_encoder(self.encoder, self.checkpoint, "cpu")
+        elif not self.encoder.endswith("-tiny") and not self.random_weights:
+            raise ValueError(f"features.encoder = {self.encoder!r} has no checkpoint: its features would come "
+                             "from random weights. Set features.checkpoint (--checkpoint), or features.random_weights"
+                             " = true to run it anyway (benchmarks)")
 
     def prepare(self, store: Store, units: list[Unit]) -> None:
         """Create each video's arrays once, on the driver, before its chunks run anywhere."""
         fs = self.feature_set(store)
         for unit in {u.video_id: u for u in units}.values():
             windows = window_times(unit.payload["duration_s"], self.clip_s)
-            fs.create(unit.video_id, windows, self.spec.dim, self.spec.num_tokens if self.cfg.tokens else None,
+            fs.create(unit.video_id, windows, self.spec.dim, self.spec.num_tokens if self.tokens else None,
                       fingerprint=fingerprint(self.version(), unit.payload["content_id"]),
-                      attrs={"encoder": self.cfg.encoder, "clip_s": self.clip_s, "uri": unit.payload["uri"]},
-                      rows_per_chunk=self.cfg.rows_per_chunk)
+                      attrs={"encoder": self.encoder, "clip_s": self.clip_s, "uri": unit.payload["uri"]},
+                      rows_per_chunk=self.rows_per_chunk)
 
     def setup(self) -> None:
         self.use_reserved_cpus()
-        self.encoder = build_encoder(self.cfg.encoder, self.cfg.checkpoint or None, self.cfg.device)
+        self.encoder_model = build_encoder(self.encoder, self.checkpoint or None, self.device)
 
     def process(self, unit: Unit, store: Store) -> dict:
-        if self.encoder is None:
+        if self.encoder_model is None:
             self.setup()
         uri = unit.payload["uri"]
         windows = window_times(unit.payload["duration_s"], self.clip_s)
@@ -113,9 +127,9 @@ class FeaturesStage(Stage):
                 frames = pending.result()
                 if i + 1 < len(batches):
                     pending = decoder.submit(reader.read, *batches[i + 1])
-                batch_cls, tokens = self.encoder.encode(torch.from_numpy(frames))
+                batch_cls, tokens = self.encoder_model.encode(torch.from_numpy(frames))
                 cls[start - p["start"]:stop - p["start"]] = batch_cls.cpu().numpy()
-                if self.cfg.tokens:
+                if self.tokens:
                     fs.write_tokens(unit.video_id, start, tokens.cpu().numpy())
         fs.write(unit.video_id, p["start"], cls)
         self._reader = ((p["uri"], p["content_id"]), reader)  # kept only after a chunk that read cleanly
@@ -130,7 +144,7 @@ class FeaturesStage(Stage):
         if cached is not None and cached[0] == (uri, content_id):
             return cached[1]
         return WindowReader(_local_path(uri), self.spec.image_size, self.spec.num_frames, windows,
-                            self.cfg.decode_threads)
+                            self.decode_threads)
 
     def complete_videos(self, store: Store) -> set[str]:
         """Videos whose every chunk is committed with the current fingerprint."""

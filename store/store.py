@@ -1,6 +1,7 @@
 """The store: a root folder or fsspec URL holding tables, features and markers.
 
 Layout (relative to the root):
+    recap.toml                            the store's settings (pipeline.config.settle)
     videos.parquet                        registry of ingested videos
     groundtruth/<level>.parquet           reference captions
     features/<feature_set>/<video_id>/    Zarr v3 arrays (see store.features)
@@ -41,12 +42,16 @@ def now_iso() -> str:
 class Store:
     LOCK_STALE_S = 120.0
 
-    def __init__(self, root: str | os.PathLike = "recap-store"):
+    def __init__(self, root: str | os.PathLike = "recap-store", create: bool = True):
+        """`create=False`: a store that does not exist is a FileNotFoundError (commands that only read)."""
         self.root = str(root)
         self.fs, self.path = fsspec.core.url_to_fs(self.root)
         self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
         if self.local:
             self.path = os.path.abspath(self.path)
+        if not create and not self.fs.isdir(self.path):
+            raise FileNotFoundError(f"{self.root}: no store here (run `recap ingest` or `recap demo` first, "
+                                    "or pass --store)")
         self.fs.makedirs(self.path, exist_ok=True)
 
     def __repr__(self) -> str:

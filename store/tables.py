@@ -6,10 +6,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from store.ids import check_name
+from store.levels import check_level
 from store.store import Store
 
 REGISTRY = "videos.parquet"
-LEVELS = ("clip", "segment", "video")
 
 VIDEO_SCHEMA = pa.schema([
     ("video_id", pa.string()), ("uri", pa.string()), ("content_id", pa.string()),
@@ -30,12 +30,6 @@ CAPTION_SCHEMA = pa.schema([
     ("end_s", pa.float64()), ("text", pa.string()), ("score", pa.float64()),
     ("fingerprint", pa.string()),
 ])
-
-
-def _check_level(level: str) -> str:
-    if level not in LEVELS:
-        raise ValueError(f"unknown caption level {level!r}; expected one of {', '.join(LEVELS)}")
-    return level
 
 
 # ---- registry ----------------------------------------------------------------
@@ -80,7 +74,7 @@ def register_videos(store: Store, rows: list[dict]) -> dict[str, int]:
 # ---- ground truth ------------------------------------------------------------
 
 def groundtruth_rel(level: str) -> str:
-    return f"groundtruth/{_check_level(level)}.parquet"
+    return f"groundtruth/{check_level(level)}.parquet"
 
 
 def _conform_groundtruth(table: pa.Table) -> pa.Table:
@@ -114,7 +108,7 @@ def read_groundtruth(store: Store, level: str, split: str | None = None) -> pa.T
 # ---- captions ----------------------------------------------------------------
 
 def captions_dir(level: str, version: str) -> str:
-    return f"captions/{_check_level(level)}/{check_name(version, 'version')}"
+    return f"captions/{check_level(level)}/{check_name(version, 'version')}"
 
 
 def captions_rel(level: str, version: str, video_id: str) -> str:

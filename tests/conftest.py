@@ -1,3 +1,4 @@
+import os
 import shutil
 import subprocess
 import sys
@@ -57,10 +58,11 @@ def bad_and_good_videos(tmp_path) -> Path:
     return folder
 
 
-def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+def run_cli(*args: str, check: bool = False, cwd=REPO) -> subprocess.CompletedProcess:
     """Run `recap ...` in a fresh interpreter, as a user would."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", "from cli.main import main; main()", *args],
-                          capture_output=True, text=True, cwd=REPO)
+                          capture_output=True, text=True, cwd=cwd, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"recap {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc

@@ -15,7 +15,7 @@ from pipeline.ingest import ingest_hcap
 from pipeline.run import run_all
 from pipeline.runner import run_stage
 from stages.examples import ExampleReader
-from stages.features import FeaturesStage
+from pipeline.dag import features_stage
 from store import Store, read_captions, read_videos
 
 from _checkpoints import tiny_checkpoint
@@ -50,7 +50,7 @@ def featured_store(tmp_path_factory, tiny_corpus, checkpoints):
     store = Store(root)
     ingest_hcap(store, str(tiny_corpus), str(tiny_corpus / "videos"))
     cfg = config_for(root, checkpoints)
-    assert run_stage(FeaturesStage(cfg.features, cfg.windows), store, executor="local").failed == 0
+    assert run_stage(features_stage(cfg), store, executor="local").failed == 0
     return root
 
 
@@ -92,7 +92,7 @@ def test_missing_upstream_is_reported_with_the_stage_to_run(featured_store, chec
     assert all("run `recap captions`" in r for r in summary.blocked_reasons)
     proc = run_cli("segments", "--store", store.root, "--config", str(write_toml(tmp_path / "c.toml", cfg)),
                    "--local")
-    assert proc.returncode == 0 and "blocked" in proc.stderr and "recap captions" in proc.stderr
+    assert proc.returncode == 3 and "blocked" in proc.stderr and "recap captions" in proc.stderr  # EXIT_BLOCKED
 
 
 def test_video_whose_features_failed_is_reported_and_skipped(featured_store, checkpoints, tmp_path):

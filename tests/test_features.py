@@ -14,8 +14,9 @@ from pipeline.config import load_config
 from pipeline.ingest import ingest
 from pipeline.runner import run_stage
 from stages.decode import WindowReader, frame_indices, sample_times, window_times
+from pipeline.dag import features_stage
 from stages.features import FeaturesStage
-from store import FeatureSet, Store
+from store import Store
 
 from conftest import REPO, run_cli, write_video
 
@@ -42,7 +43,7 @@ def write_indexed_video(path, pts_ms, size=(64, 48)):
 def tiny_stage(**features) -> FeaturesStage:
     cfg = load_config(features={"encoder": "tsf-tiny", "batch_size": 4, "chunk_windows": 8, "rows_per_chunk": 4,
                                 **features})
-    return FeaturesStage(cfg.features, cfg.windows)
+    return features_stage(cfg)
 
 
 def test_windows_and_frames_hand_computed():

@@ -52,3 +52,20 @@ def test_metadata_pickles_are_never_trusted(tmp_path):
 def test_missing_metadata_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no Ego4D-HCap metadata"):
         read_hcap(tmp_path)
+
+
+def test_ground_truth_is_keyed_by_the_registry_ids(store, tiny_corpus, tmp_path):
+    """An Ego4D id that is not a safe file name (here with a space) gets one cleaned id, in both tables."""
+    vid = sorted(p.stem for p in (tiny_corpus / "videos").iterdir())[0]
+    raw = f"{vid} copy"
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    os.symlink(tiny_corpus / "videos" / f"{vid}.mp4", videos / f"{raw}.mp4")
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    with open(meta / "clips_train.pkl", "wb") as f:
+        pickle.dump([(raw, 0.0, 4.0, "#C C picks up the red ball")], f)
+    assert ingest_hcap(store, str(meta), str(videos)).failed == 0
+    registered = [v["video_id"] for v in read_videos(store)]
+    assert len(registered) == 1 and registered[0] != raw
+    assert read_groundtruth(store, "clip")["video_id"].to_pylist() == registered

@@ -2,7 +2,7 @@ import pytest
 
 from pipeline.ingest import ingest
 from stages.ingest import BadVideo, probe_video
-from store import Store, read_videos
+from store import read_videos
 
 from conftest import run_cli, write_video
 
@@ -79,5 +79,6 @@ def test_cli_ingest_and_status(tmp_path, bad_and_good_videos):
     assert "done 2" in proc.stderr and "failed 4" in proc.stderr
     status = run_cli("status", "--store", root, check=True).stdout
     assert "ingest" in status and " 2 " in status and " 4 " in status
+    assert "ingest: 4 failed" in status and "empty file (0 bytes)" in status  # the first messages
     missing = run_cli("ingest", str(tmp_path / "nowhere"), "--store", root)
     assert missing.returncode == 2 and "nowhere" in missing.stderr

@@ -27,7 +27,7 @@ from pipeline.ingest import ingest_hcap
 from pipeline.runner import run_stage
 from pipeline.train import train
 from stages.evaluate import evaluate_level
-from stages.features import FeaturesStage
+from pipeline.dag import features_stage
 from stages.train import epoch_batches, load_init, param_groups, query_rows, set_trainable
 from store import CAPTION_SCHEMA, Store, captions_rel, read_groundtruth
 
@@ -63,7 +63,7 @@ def featured(tmp_path_factory, tiny_corpus) -> Path:
     store = Store(root)
     ingest_hcap(store, str(tiny_corpus), str(tiny_corpus / "videos"))
     cfg = load_config(features={"encoder": "tsf-tiny"})
-    assert run_stage(FeaturesStage(cfg.features, cfg.windows), store, executor="local").failed == 0
+    assert run_stage(features_stage(cfg), store, executor="local").failed == 0
     return root
 
 
@@ -290,7 +290,7 @@ def small_corpus_store(tmp_path_factory) -> Store:
     store = Store(tmp_path_factory.mktemp("small") / "store")
     ingest_hcap(store, str(data), str(data / "videos"))
     cfg = load_config(features={"encoder": "tsf-tiny"})
-    assert run_stage(FeaturesStage(cfg.features, cfg.windows), store, executor="local").failed == 0
+    assert run_stage(features_stage(cfg), store, executor="local").failed == 0
     return store
 
 
