@@ -244,3 +244,16 @@ def test_the_lower_level_text_reaches_the_model(featured_store, checkpoints):
     assert not torch.allclose(logits, other_logits)
     moved_queries, _ = outputs("#C C washes the red cube", video + 1.0)
     assert not torch.allclose(moved_queries[:, :n_video], other_queries[:, :n_video])
+
+
+def test_a_version_changes_only_with_what_changes_its_output(featured_store, checkpoints):
+    store = Store(featured_store)
+    versions = lambda cfg: [s.version() for s in build_stages(cfg, store)]
+    base = versions(config_for(featured_store, checkpoints))
+    longer = versions(config_for(featured_store, checkpoints, segment_s=32.0))
+    assert longer[:2] == base[:2]  # features and clip captions do not read segment windows
+    assert longer[2] != base[2] and longer[3] != base[3]  # segments, and the summaries that read them
+    batch = versions(load_config(store=str(featured_store), features={"encoder": "tsf-tiny", "batch_size": 8},
+                                 windows={"segment_s": 24.0}, captions={
+                                     **{f"{k}_checkpoint": v for k, v in checkpoints.items()}, "batch_size": 3}))
+    assert batch == base  # how many windows go through the model at once changes nothing

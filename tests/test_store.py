@@ -165,3 +165,18 @@ def test_fsspec_url_root(tmp_path):
     store = Store(f"file://{tmp_path}/remote-like")
     commit_captions(store, "vid", 2, "fpA")
     assert read_captions(store, "clip", "v1").num_rows == 2
+
+
+def test_commit_on_an_object_store_root():
+    """A non-local fsspec root (memory://) takes the object-store branch: no rename, no lock file."""
+    import uuid
+
+    store = Store(f"memory://recap-{uuid.uuid4().hex[:8]}")
+    assert not store.local
+    assert commit_captions(store, "vid", 2, "fpA")
+    assert not commit_captions(store, "vid", 2, "fpA")  # same fingerprint: nothing moves
+    assert commit_captions(store, "vid", 3, "fpB")  # changed: the old table is kept aside
+    assert read_captions(store, "clip", "v1").num_rows == 3
+    assert store.exists(f"superseded/fpA/{captions_rel('clip', 'v1', 'vid')}")
+    assert store.marker("captions", "v1", "vid")["fingerprint"] == "fpB"
+    assert not store.exists("locks") and not [p for p in store.fs.find(store.path) if "/.tmp-" in p]
