@@ -279,7 +279,7 @@ def naive(path: str, encoder, indices: np.ndarray, n: int) -> None:
     rows = []
     for w in range(n):
         frames = torch.from_numpy(full.get_batch(indices[w].tolist()).asnumpy())  # seek + decode this window
-        cls, _ = encoder.encode(resize_crop(frames, encoder.image_size)[None])
+        cls, _ = encoder.encode(resize_crop(frames, encoder.spec.image_size)[None])
         rows.append(cls.numpy())
 
 

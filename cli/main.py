@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.config import settle
+from pipeline.config import record_settings, settle
 from pipeline.ingest import ingest as ingest_videos
 from pipeline.ingest import ingest_hcap
 from pipeline.progress import Summary
@@ -32,16 +32,26 @@ def _fail(message: str) -> None:
 EXIT_FAILED, EXIT_USAGE, EXIT_BLOCKED = 1, 2, 3
 
 
+_to_record = []  # the settings of a command that works: recorded in its store once it has run (not on exit 2)
+
+
 def _load(store: str | None, config: Path | None, *, record: bool = True, **overrides):
-    """The store's settings, then --config, then flags. Commands that work record changes in the store;
-    commands that only read (`record=False`) neither record nor create a store."""
+    """The store's settings, then --config, then flags. Commands that work record changes in the store
+    when they have run; commands that only read (`record=False`) neither record nor create a store."""
     try:
-        cfg = settle(store, config, record=record, devices=record, **overrides)
+        cfg = settle(store, config, record=False, **overrides)
         if not record:
             Store(cfg.store, create=False)
-        return cfg
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
+    if record:
+        _to_record.append(cfg)
+    return cfg
+
+
+def _record() -> None:
+    while _to_record:
+        record_settings(_to_record.pop())
 
 
 def _open(store: str | None, config: Path | None, record: bool = True):
@@ -50,6 +60,7 @@ def _open(store: str | None, config: Path | None, record: bool = True):
 
 
 def _exit_for(*summaries: Summary) -> None:
+    _record()
     failed = sum(s.failed for s in summaries)
     blocked = sum(s.blocked for s in summaries)
     if failed:
@@ -214,6 +225,7 @@ def train(store: StoreOpt = None, config: ConfigOpt = None,
                 run={"address": address} if address else None)
     try:
         train_level(cfg, Store(cfg.store), level, init_from=init_from, lower_versions=lower_version or ())
+        _record()
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         _fail(str(e))
 
@@ -246,8 +258,7 @@ def run(store: StoreOpt = None, config: ConfigOpt = None,
     """The DAG: features -> captions -> segments -> summaries; only new or failed (with --retry-failed) work."""
     from pipeline.run import run_all
 
-    cfg = _load(store, config, record=not dry_run, run={k: v for k, v in {"workers": workers, "address": address}.items()
-                                                        if v is not None})
+    cfg = _load(store, config, record=not dry_run, run=_given({"workers": workers, "address": address}))
     try:
         summaries = run_all(cfg, Store(cfg.store), dry_run=dry_run, retry_failed=retry_failed, local=local)
     except (ValueError, FileNotFoundError) as e:

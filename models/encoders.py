@@ -28,47 +28,6 @@ LAVILA_STD = (68.5005327, 66.6321579, 70.32316305)
 Features = Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-@dataclass(eq=False)
-class VideoEncoder:
-    """A frozen video encoder: uint8 frames of one window in, its CLS vector and tokens out."""
-
-    name: str
-    model: nn.Module
-    features: Features  # (model, normalised (B, T, C, H, W)) -> (cls, tokens)
-    num_frames: int
-    image_size: int
-    dim: int
-    num_tokens: int  # per window, CLS included
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    weights_id: str
-    device: torch.device
-    autocast: torch.dtype | None = None  # e.g. torch.bfloat16 on CUDA
-    _mean: torch.Tensor = field(init=False, repr=False)
-    _std: torch.Tensor = field(init=False, repr=False)
-
-    def __post_init__(self):
-        self._mean = torch.tensor(self.mean, device=self.device).view(3, 1, 1)
-        self._std = torch.tensor(self.std, device=self.device).view(3, 1, 1)
-
-    @torch.inference_mode()
-    def encode(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """frames: uint8 (B, num_frames, image_size, image_size, 3) RGB, already resized and cropped.
-        Returns float32 cls (B, dim) and tokens (B, num_tokens, dim) on the encoder's device;
-        tokens[:, 0] is cls."""
-        expected = (self.num_frames, self.image_size, self.image_size, 3)
-        if frames.dtype != torch.uint8 or frames.ndim != 5 or tuple(frames.shape[1:]) != expected:
-            raise ValueError(
-                f"{self.name}: expected uint8 frames of shape (B, {', '.join(map(str, expected))}), "
-                f"got {frames.dtype} {tuple(frames.shape)}"
-            )
-        x = frames.to(self.device, non_blocking=True).permute(0, 1, 4, 2, 3).float()
-        x = (x - self._mean) / self._std
-        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-            cls, tokens = self.features(self.model, x)
-        return cls.float(), tokens.float()
-
-
 @dataclass(frozen=True)
 class EncoderSpec:
     """What an encoder consumes and produces, known without loading its weights."""
@@ -79,6 +38,43 @@ class EncoderSpec:
     num_tokens: int  # per window, CLS included
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+
+
+@dataclass(eq=False)
+class VideoEncoder:
+    """A frozen video encoder: uint8 frames of one window in, its CLS vector and tokens out."""
+
+    name: str
+    model: nn.Module
+    features: Features  # (model, normalised (B, T, C, H, W)) -> (cls, tokens)
+    spec: EncoderSpec
+    weights_id: str
+    device: torch.device
+    autocast: torch.dtype | None = None  # e.g. torch.bfloat16 on CUDA
+    _mean: torch.Tensor = field(init=False, repr=False)
+    _std: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self._mean = torch.tensor(self.spec.mean, device=self.device).view(3, 1, 1)
+        self._std = torch.tensor(self.spec.std, device=self.device).view(3, 1, 1)
+
+    @torch.inference_mode()
+    def encode(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """frames: uint8 (B, num_frames, image_size, image_size, 3) RGB, already resized and cropped.
+        Returns float32 cls (B, dim) and tokens (B, num_tokens, dim) on the encoder's device;
+        tokens[:, 0] is cls."""
+        s = self.spec
+        expected = (s.num_frames, s.image_size, s.image_size, 3)
+        if frames.dtype != torch.uint8 or frames.ndim != 5 or tuple(frames.shape[1:]) != expected:
+            raise ValueError(
+                f"{self.name}: expected uint8 frames of shape (B, {', '.join(map(str, expected))}), "
+                f"got {frames.dtype} {tuple(frames.shape)}"
+            )
+        x = frames.to(self.device, non_blocking=True).permute(0, 1, 4, 2, 3).float()
+        x = (x - self._mean) / self._std
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            cls, tokens = self.features(self.model, x)
+        return cls.float(), tokens.float()
 
 
 def _timesformer_config(name: str) -> TimeSformerConfig:
@@ -135,9 +131,9 @@ def build_encoder(
         model=model.to(device).eval().requires_grad_(False),
         features=features,
         weights_id=digest if checkpoint else f"random-seed{seed}-{digest}",
+        spec=spec,
         device=device,
         autocast=autocast,
-        **vars(spec),
     )
 
 
@@ -152,7 +148,7 @@ def weights_digest(model: nn.Module) -> str:
 
 
 def _timesformer_features(model: TimeSformer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    tokens = model.forward_features(x, cls_at_last=False)
+    tokens = model.forward_tokens(x)
     return tokens[:, 0], tokens
 
 

@@ -28,6 +28,21 @@ from models.qformer import QFormerMapper
 from models.timesformer import TimeSformer, TimeSformerConfig
 
 LEVELS = ("clip", "segment", "video", "unified")
+SIZES = ("base", "demo", "tiny")
+# `demo`: small enough to train from scratch on 2 CPU cores in minutes. Widths, then per level
+# (features per example, video queries, text queries); clip examples take all tokens of a window.
+# Trained from scratch, the official layout underfits: each of these was measured on the demo
+# corpus (docs/caption-accuracy.md): cross-attention in every Q-Former layer, open decoder gates,
+# a LayerNorm on the text context, learned positions of the clip level's tokens (`models.training.level_config`),
+# no dropout.
+DEMO_WIDTHS = dict(qformer_hidden_size=128, qformer_num_layers=2, qformer_num_heads=4, qformer_intermediate_size=256,
+                   qformer_cross_attention_freq=1, gate_init=1.0, dropout=0.0, text_context_norm=True,
+                   qformer_vocab_size=30, qformer_max_positions=16,
+                   n_positions=256, n_embd=128, n_layer=3, n_head=4, n_inner=512)
+DEMO_LEVELS = {"clip": dict(num_video_queries=16),
+               "segment": dict(num_video_feat=16, num_video_queries=8, num_text_queries=32),
+               "video": dict(num_video_feat=32, num_video_queries=16, num_text_queries=96)}
+
 OFFICIAL_DATASETS = {"clip_caption": "clip", "segment_description": "segment", "video_summary": "video"}
 
 
@@ -94,8 +109,11 @@ class RecapConfig:
                                  "do not record head counts: set them with config overrides)")
 
     @classmethod
-    def preset(cls, level: str, tiny: bool = False) -> RecapConfig:
-        """Official configuration of a level; `tiny` is the reference fixtures' configuration."""
+    def preset(cls, level: str, size: str = "base") -> RecapConfig:
+        """A level's configuration at a size: `base` is the official one, `tiny` the reference fixtures',
+        `demo` the one trained from scratch on 2 CPU cores (DEMO_WIDTHS, DEMO_LEVELS)."""
+        if size not in SIZES:
+            raise ValueError(f"unknown model size {size!r}; expected one of {', '.join(SIZES)}")
         per_level = {  # (video_feature_type, num_video_feat, video queries, text queries, max_gen_tokens)
             "clip": ("pixel", 4, 256, 0, 77),
             "segment": ("cls", 80, 32, 256, 77),
@@ -106,7 +124,9 @@ class RecapConfig:
         config = cls(level=level, video_feature_type=kind, num_video_feat=feats, num_video_queries=nv,
                      num_text_queries=nt, max_gen_tokens=max_gen,
                      vision=TimeSformerConfig.base() if kind == "pixel" else None)
-        if tiny:
+        if size == "demo":
+            return config.with_overrides({**DEMO_WIDTHS, **DEMO_LEVELS[level]})
+        if size == "tiny":
             feats, nv, nt = tiny_queries[level]
             config = dataclasses.replace(
                 config, num_video_feat=feats, num_video_queries=nv, num_text_queries=nt,
@@ -259,7 +279,7 @@ class RecapModel(nn.Module):
     def encode_video(self, video: torch.Tensor) -> torch.Tensor:
         """The video mapper's context: pixels (B, T, C, H, W) become all TimeSformer tokens (B, 1+T*N, D);
         features (B, N, D) (CLS features, or stored tokens) pass through; learned positions are added."""
-        context = self.vision_model.forward_features(video, cls_at_last=False) if video.dim() == 5 else video
+        context = self.vision_model.forward_tokens(video) if video.dim() == 5 else video
         if self.config.video_positions:
             if context.size(1) != self.config.video_positions:
                 raise ValueError(f"the video context has {context.size(1)} rows; the model's position embedding "

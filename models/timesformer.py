@@ -135,9 +135,9 @@ class TimeSformer(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
         self.norm = nn.LayerNorm(D, eps=config.norm_eps)
 
-    def forward_features(self, x: torch.Tensor, cls_at_last: bool = True) -> torch.Tensor:
-        """x: (B, T, C, H, W) normalised pixels, T <= num_frames.
-        Returns the CLS feature (B, D) or all tokens (B, 1+T*N, D), [CLS, frame 0 patches, frame 1, ...]."""
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, C, H, W) normalised pixels, T <= num_frames. All tokens after the final norm,
+        (B, 1+T*N, D): [CLS, frame 0 patches, frame 1, ...] (the official `cls_at_last=False`)."""
         B, frames, n = x.shape[0], x.shape[1], self.config.num_patches
         x = self.patch_embed(x)
         pos = self.pos_embed[:, 1:].repeat(1, self.config.num_frames, 1)
@@ -147,11 +147,11 @@ class TimeSformer(nn.Module):
         x = self.ln_pre(x)
         for block in self.blocks:
             x = block(x, frames)
-        x = self.norm(x)
-        return x[:, 0] if cls_at_last else x
+        return self.norm(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_features(x, cls_at_last=True)
+        """The CLS feature (B, D) (the official `cls_at_last=True`)."""
+        return self.forward_tokens(x)[:, 0]
 
     @classmethod
     def from_lavila(cls, path: str | Path, config: TimeSformerConfig | None = None) -> TimeSformer:

@@ -33,8 +33,8 @@ class FeaturesConfig:
     checkpoint: str = ""         # local LaViLa / VideoPrism weights; empty = seeded random weights
     random_weights: bool = False  # allow a full-size encoder without a checkpoint (benchmarks only)
     tokens: bool = True          # store all tokens per window (the clip level needs them)
-    batch_size: int = 0          # windows per encoder call; 0: 16 on CUDA, 4 on CPU (where 16 is 27%
-                                 # slower per window for TimeSformer-B: bench/features.py)
+    batch_size: int = 0          # windows per encoder call; 0: 16 on CUDA, 4 on CPU (the faster per
+                                 # window on CPU: `make bench`)
     device: str = "cpu"
     chunk_windows: int = 128     # windows per work unit; a multiple of rows_per_chunk
     rows_per_chunk: int = 64     # Zarr chunk rows of the CLS array
@@ -127,7 +127,7 @@ def load_config(path: str | os.PathLike | None = None, **overrides) -> Config:
     """Defaults, then the TOML file, then keyword overrides like features={"encoder": "tsf-tiny"}."""
     config = _merge(Config(), _read_toml(path), str(path)) if path else Config()
     clean = {k: v for k, v in overrides.items() if v is not None and v != {}}
-    return check_config(_merge(config, clean, "overrides") if clean else config, devices=False)
+    return check_config(_merge(config, clean, "overrides") if clean else config)
 
 
 # ---- checks ----------------------------------------------------------------------
@@ -155,7 +155,8 @@ def _device(v):
 
 def _rules() -> dict:
     from models.encoders import ENCODERS
-    from stages.train import FREEZE, SIZES
+    from models.recap import SIZES
+    from models.training import FREEZE
 
     return {
         "windows.clip_s": _at_least(0, strict=True), "windows.segment_s": _at_least(0, strict=True),
@@ -178,23 +179,15 @@ def _rules() -> dict:
     }
 
 
-def check_config(config: Config, devices: bool = True) -> Config:
-    """Raise ConfigError for the first value out of range or choice. `devices`: also check that a CUDA device
-    asked for is present (commands that only read skip it, so a GPU cluster's store can be read anywhere)."""
+def check_config(config: Config) -> Config:
+    """Raise ConfigError for the first value out of range or choice. Whether a CUDA device is there is
+    checked when a stage that needs one is about to run (pipeline.runner): on a Ray cluster the
+    driver's machine may have none while the workers do."""
     values = flatten(config)
     for key, rule in _rules().items():
         problem = rule(values[key])
         if problem:
             raise ConfigError(f"{key} = {values[key]!r}: {problem}")
-    if devices:
-        for key in ("features.device", "captions.device"):
-            if values[key].startswith("cuda"):
-                import torch
-
-                index = int(values[key][5:] or 0) if ":" in values[key] else 0
-                if not torch.cuda.is_available() or index >= torch.cuda.device_count():
-                    raise ConfigError(f"{key} = {values[key]!r}: no such CUDA device on this machine "
-                                      f"({torch.cuda.device_count()} visible); use cpu")
     return config
 
 
@@ -213,7 +206,7 @@ PATH_SETTINGS = ("features.checkpoint", "captions.clip_checkpoint", "captions.se
 
 
 def settle(store: str | None = None, path: str | os.PathLike | None = None, *, record: bool = True,
-           devices: bool = True, stream=None, **overrides) -> Config:
+           stream=None, **overrides) -> Config:
     """The configuration a command runs with: defaults, the store's `recap.toml`, the `path` file, then
     `overrides`; checked. `record`: write what changed into the store's file, with a one-line notice."""
     import sys
@@ -231,7 +224,7 @@ def settle(store: str | None = None, path: str | os.PathLike | None = None, *, r
                             f"{root}/{SETTINGS_FILE}")
     clean = {k: v for k, v in overrides.items() if v is not None and v != {}}
     config = _absolute_paths(_merge(_merge(remembered, data, str(path)), clean, "flags"))
-    check_config(config, devices)
+    check_config(config)
     before, after = flatten(remembered), flatten(config)
     changed = [k for k in after if after[k] != before[k]]
     if record and (changed or not fs.isfile(settings)) and after != flatten(Config()):

@@ -25,11 +25,10 @@ from pipeline.ingest import ingest_hcap
 from pipeline.progress import Summary
 from pipeline.runner import run_stage
 from pipeline.train import train
-from stages.evaluate import SEMANTIC, evaluate_level, evaluate_pairs, meteor_scorer, semantic_scores, write_metrics
+from stages.evaluate import METRICS, SEMANTIC, evaluate_level, evaluate_pairs, meteor_scorer, semantic_scores, write_metrics
 from store import LEVEL, LEVELS, Store, read_groundtruth, record_latest
 
 PROTOCOL = "videorecap"
-METRICS = ("CIDEr", "ROUGE_L", "METEOR")
 
 # Sized for 2 CPU cores: the synthetic frames are 128 px, the tiny encoder reads 32 px, the
 # `demo` model is a few-layer GPT-2 trained from scratch (so everything trains, not the official
@@ -41,7 +40,7 @@ DEMO_SETTINGS = {
     "captions": {"batch_size": 128},
 }
 # Training examples: 2,144 clips, 260 segments, 64 videos + ~600 runs of segments. Shape needs 17 clip
-# epochs (89-91% at 15); the segment activity 30 (58-86% at 20); the video level 15 (docs/caption-accuracy.md).
+# epochs, the segment activity 30, the video level 15 (measurements: docs/caption-accuracy.md).
 EPOCHS = {"clip": 17, "segment": 30, "video": 15}
 
 
@@ -55,7 +54,7 @@ def _with(config: Config, section: str, **values) -> Config:
 
 def run_demo(store_root: str, data: Path, preset: str = "demo", seed: int = 0,
              stream=sys.stderr) -> list[Summary]:
-    # Training runs here, while no stage works: it takes every core (1.4x faster than one on 2 cores).
+    # Training runs here, while no stage works: it takes every core (faster than one: docs/caption-accuracy.md).
     # Stage workers set their own thread counts.
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     start = time.monotonic()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from pipeline.progress import Progress, Summary
-from stages.ingest import list_videos, probe_video, read_hcap
+from stages.ingest import VIDEO_SUFFIXES, list_videos, probe_video, read_hcap
 from store import Store, fingerprint, read_videos, register_videos, video_id_for, write_groundtruth
 
 STAGE, VERSION = "ingest", "v1"
@@ -22,7 +22,7 @@ def ingest(store: Store, sources: list[str], threads: int = 4, stream=sys.stderr
     start = time.monotonic()
     uris = []
     for source in sources:
-        uris += [source] if Path(source).suffix.lower() in {".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v"} \
+        uris += [source] if Path(source).suffix.lower() in VIDEO_SUFFIXES \
             else list_videos(source)
     uris = [_absolute(uri) for uri in uris]
     summary = Summary(STAGE)

@@ -45,6 +45,7 @@ def run_stage(stage: Stage, store: Store, *, executor: str = "ray", workers: int
               f"--retry-failed to try again", file=stream)
     if todo:
         stage.check()
+        _check_gpus(stage, executor, address)
         stage.prepare(store, todo)
         progress = Progress(stage.name, len(todo), sum(u.work for u in todo), stage.work_name, stream,
                             progress_every_s)
@@ -74,6 +75,29 @@ def run_stage(stage: Stage, store: Store, *, executor: str = "ray", workers: int
     return summary
 
 
+def _check_gpus(stage: Stage, executor: str, address: str | None) -> None:
+    """A stage that asks for GPUs, where there are none, fails here: not in every unit, nor waiting on Ray."""
+    if stage.resources.gpus <= 0:
+        return
+    device = getattr(stage, "device", "cuda")
+    if executor == "ray":
+        import ray
+
+        from pipeline.ray_workers import ensure_ray
+
+        ensure_ray(address)
+        if ray.cluster_resources().get("GPU", 0) < stage.resources.gpus:
+            raise ValueError(f"{stage.name}: device {device!r} needs a GPU per worker, and the Ray cluster has none; "
+                             "use --device cpu, or a cluster with GPUs")
+        return
+    import torch
+
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"{stage.name}: device {device!r}, and this machine has {torch.cuda.device_count()} CUDA "
+                         "device(s); use --device cpu")
+
+
 def _run_local(stage: Stage, store: Store, units: list[Unit]):
     stage.setup()
     for unit in units:
@@ -89,7 +113,7 @@ def _run_local(stage: Stage, store: Store, units: list[Unit]):
 def _run_ray(stage: Stage, store: Store, units: list[Unit], workers: int, max_retries: int, address: str | None):
     import ray
 
-    from pipeline.ray_pool import StageWorker, ensure_ray
+    from pipeline.ray_workers import StageWorker, ensure_ray
 
     ensure_ray(address)  # only now: a run with nothing to do never starts Ray
     res = stage.resources

@@ -29,10 +29,13 @@ from pipeline.config import Config
 from pipeline.dag import features_stage
 from stages.captions import weights_id
 from stages.features import FeaturesStage
-from stages.train import (
-    FREEZE, MODEL_RULES, SIZES, Item, TrainPlan, epoch_dir, last_epoch, level_config, sized_config, train_worker,
+from models.recap import SIZES
+from models.training import FREEZE, MODEL_RULES, level_config
+from stages.train import Item, TrainPlan, train_worker
+from store import (
+    LEVEL, LEVELS, Store, epoch_dir, fingerprint, last_epoch, latest_checkpoint, read_captions, read_groundtruth,
+    record_latest,
 )
-from store import LEVEL, LEVELS, Store, fingerprint, latest_checkpoint, read_captions, read_groundtruth, record_latest
 
 CURRICULUM = {"clip": ("clip",), "segment": ("segment",), "video": ("video",), "unified": LEVELS}
 LOWER_SOURCES = ("predicted", "groundtruth")
@@ -64,7 +67,7 @@ def train(config: Config, store: Store, level: str, *, init_from: str | None = N
     params = {k: v for k, v in asdict(settings).items() if k != "workers" and (k != "lower" or lower)}
     data = {split: {lvl: [astuple(i) for i in items] for lvl, items in by_level.items()}
             for split, by_level in targets.items()}
-    architecture = [MODEL_RULES, sized_config(settings.size, "video" if level == "unified" else level).to_dict()]
+    architecture = [MODEL_RULES, RecapConfig.preset("video" if level == "unified" else level, settings.size).to_dict()]
     run = fingerprint(level, params, architecture, weights_id(init_from) if init_from else None, feature_ids, data,
                       lower, length=12)
     run_dir = f"checkpoints/{level}/{run}"
@@ -80,7 +83,7 @@ def train(config: Config, store: Store, level: str, *, init_from: str | None = N
         plan = TrainPlan(
             store=store.root, level=level, run_dir=run_dir, features=features.version(), settings=settings,
             model=model.to_dict(), init_from=init_from, train=targets["train"], val=targets["val"], lower=lower,
-            num_feat={lvl: sized_config(settings.size, lvl).num_video_feat for lvl in levels if lvl != "clip"})
+            num_feat={lvl: RecapConfig.preset(lvl, settings.size).num_video_feat for lvl in levels if lvl != "clip"})
         _run_workers(plan, settings.workers, config.run.address or None, stream)
     else:
         print(f"[train {level}] already trained: {store.abs(final)}; nothing to do", file=stream)
@@ -206,7 +209,7 @@ def _run_workers(plan: TrainPlan, workers: int, address: str | None, stream) -> 
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipeline.ray_pool import ensure_ray
+    from pipeline.ray_workers import ensure_ray
 
     ensure_ray(address)
     trainer = TorchTrainer(

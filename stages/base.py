@@ -73,7 +73,7 @@ class Stage:
 
     def use_reserved_cpus(self) -> None:
         """As many torch threads as CPUs reserved, as Ray gives an actor, in-process runs too: on 2 cores a
-        second torch thread beside the decode thread made the features pipeline 4x slower (bench/features.py)."""
+        second torch thread beside the decode thread slowed the features pipeline several-fold (`make bench`)."""
         import torch
 
         torch.set_num_threads(max(1, int(self.resources.cpus)))

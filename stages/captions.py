@@ -180,7 +180,7 @@ class ClipCaptionStage(CaptionStage):
         if self.pixel_encoder is None:  # once per worker
             self.pixel_encoder = build_encoder(f.encoder, f.checkpoint or None, self.device)
         encoder, batch = self.pixel_encoder, f.batch_size
-        frames = WindowReader(unit.payload["uri"], encoder.image_size, encoder.num_frames, np.array(spans))
+        frames = WindowReader(unit.payload["uri"], encoder.spec.image_size, encoder.spec.num_frames, np.array(spans))
         examples = []
         for i in range(0, len(spans), batch):
             _, tokens = encoder.encode(torch.from_numpy(frames.read(i, min(i + batch, len(spans)))))

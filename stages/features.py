@@ -139,7 +139,7 @@ class FeaturesStage(Stage):
 
     def _open(self, uri: str, content_id: str, windows: np.ndarray) -> WindowReader:
         """The reader of this video's previous chunk when this worker ran it, else a new one: opening
-        indexes every frame's timestamp, 31% of the decode time of an hour at 128 px (bench/features.py)."""
+        indexes every frame's timestamp, a large share of an hour's decode time (`make bench`)."""
         cached, self._reader = self._reader, None
         if cached is not None and cached[0] == (uri, content_id):
             return cached[1]

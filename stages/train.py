@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import io
 import math
-import re
 import sys
 import time
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -34,36 +32,9 @@ from torch.nn.parallel import DistributedDataParallel
 from models import checkpoint
 from models.recap import RecapConfig, RecapModel
 from models.tokenizer import Tokenizer
+from models.training import load_init, set_trainable
 from stages.examples import Example, ExampleReader, collate
-from store import FeatureSet, Store
-
-SIZES = ("base", "demo", "tiny")
-FREEZE = ("official", "none")
-
-# `demo`: small enough to train from scratch on 2 CPU cores in minutes. Widths, then per level
-# (features per example, video queries, text queries); clip examples take all tokens of a window.
-# Trained from scratch, the official layout underfits: each of these was measured on the demo
-# corpus (docs/caption-accuracy.md): cross-attention in every Q-Former layer, open decoder gates,
-# a LayerNorm on the text context, learned positions of the clip level's tokens (`level_config`), no dropout.
-DEMO_WIDTHS = dict(qformer_hidden_size=128, qformer_num_layers=2, qformer_num_heads=4, qformer_intermediate_size=256,
-                   qformer_cross_attention_freq=1, gate_init=1.0, dropout=0.0, text_context_norm=True,
-                   qformer_vocab_size=30, qformer_max_positions=16,
-                   n_positions=256, n_embd=128, n_layer=3, n_head=4, n_inner=512)
-DEMO_LEVELS = {"clip": dict(num_video_queries=16),
-               "segment": dict(num_video_feat=16, num_video_queries=8, num_text_queries=32),
-               "video": dict(num_video_feat=32, num_video_queries=16, num_text_queries=96)}
-
-# The version of how `level_config` builds a model from a size; part of every run's name, so a change
-# trains anew instead of resuming an incompatible checkpoint. 3: the demo size's changes above; 4: 96 text
-# queries at the video level (a summary copies 3-6 descriptions in order; 32 queries garbled them).
-MODEL_RULES = 4
-
-# README 1, "trainable sets": what the official training updates when freezing (everything else keeps its init).
-OFFICIAL_TRAINABLE = re.compile(
-    r"(video_queries|text_queries"
-    r"|(video|text)_mapper\.mapper\.bert\.encoder\.layer\.\d+\.crossattention\."
-    r"|text_decoder\.transformer\.h\.\d+\.(crossattention|ln_cross_attn|mlp_crossattention|ln_2_crossattention"
-    r"|alpha_cattn|alpha_dense|ln_1|ln_2)\b)")
+from store import FeatureSet, Store, commit_epoch, epoch_dir, last_epoch
 
 EXAMPLE_CACHE_BYTES = 2 << 30  # per worker: examples read once stay in memory up to this much
 PROGRESS_EVERY_S = 5.0
@@ -72,74 +43,7 @@ HISTORY_SCHEMA = pa.schema([("epoch", pa.int64()), ("step", pa.int64()), ("split
                             ("level", pa.string()), ("loss", pa.float64()), ("lr", pa.float64())])
 
 
-# ---- model ----------------------------------------------------------------------
-
-def sized_config(size: str, level: str) -> RecapConfig:
-    """The official configuration of a level, at a model size (base = official, tiny = the reference fixtures')."""
-    if size not in SIZES:
-        raise ValueError(f"unknown model size {size!r}; expected one of {', '.join(SIZES)}")
-    config = RecapConfig.preset(level, tiny=size == "tiny")
-    return config.with_overrides({**DEMO_WIDTHS, **DEMO_LEVELS[level]}) if size == "demo" else config
-
-
-def level_config(size: str, level: str, feature_dim: int, tokens_per_window: int, tokenizer: Tokenizer,
-                 init: RecapConfig | None = None, recursive: bool = True) -> RecapConfig:
-    """The model trained here: an init checkpoint's widths (else the size's), the level's query and feature
-    counts at `size`, fed stored features (no pixel tower), with the tokenizer's vocabulary. ReCap-U takes
-    the video level's counts. Not `recursive`: no text mapper (the non-recursive baseline)."""
-    sized = sized_config(size, "video" if level == "unified" else level)
-    num_feat = tokens_per_window if level == "clip" else sized.num_video_feat
-    return (init or sized).with_overrides({
-        "level": level, "video_feature_type": "cls", "vision": None, "video_feature_width": feature_dim,
-        "num_video_feat": num_feat, "video_positions": num_feat if size == "demo" and level == "clip" else 0,
-        "num_video_queries": sized.num_video_queries,
-        "num_text_queries": sized.num_text_queries if recursive else 0,
-        "max_gen_tokens": sized.max_gen_tokens, "vocab_size": tokenizer.vocab_size,
-        "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id})
-
-
-def query_rows(n: int, k: int) -> np.ndarray:
-    """Rows of n learned queries that make k (README 4.7): the official arange(0, n, n/(k+1))[1:],
-    which also repeats rows when k > n."""
-    return np.arange(0, n, n / (k + 1)).astype(int)[1:k + 1]
-
-
-def load_init(model: RecapModel, path: str) -> list[str]:
-    """Copy an init checkpoint's tensors (our folder or an official .pth) into `model`; query counts that
-    differ are subsampled. Tensors the init lacks (the text mapper of a clip checkpoint) keep their fresh
-    init. Returns what was adapted."""
-    source = (checkpoint.load(path)[0] if Path(path).is_dir() else RecapModel.from_official(path)).state_dict()
-    own = model.state_dict()
-    notes = []
-    with torch.no_grad():
-        for name, tensor in own.items():
-            value = source.get(name)
-            if value is None:
-                continue
-            if name.endswith("_queries") and value.shape[0] != tensor.shape[0] and value.shape[1:] == tensor.shape[1:]:
-                notes.append(f"{name}: {value.shape[0]} -> {tensor.shape[0]} rows")
-                value = value[torch.from_numpy(query_rows(value.shape[0], tensor.shape[0]))]
-            if name == "video_position.weight" and value.shape != tensor.shape:
-                notes.append(f"{name}: {value.shape[0]} -> {tensor.shape[0]} rows, freshly initialised")
-                continue
-            if value.shape != tensor.shape:
-                raise ValueError(f"{path}: {name} has shape {list(value.shape)}; the {model.config.level} model "
-                                 f"trained here needs {list(tensor.shape)}")
-            tensor.copy_(value)
-    notes += [f"{top}: freshly initialised" for top in sorted({n.split(".")[0] for n in own if n not in source})]
-    notes += [f"{top}: not used" for top in sorted({n.split(".")[0] for n in source if n not in own})]
-    return notes
-
-
-def set_trainable(model: RecapModel, freeze: str) -> None:
-    """`official`: what the official training updates; `none`: everything. The pixel tower never trains
-    (training reads features it computed)."""
-    if freeze not in FREEZE:
-        raise ValueError(f"unknown freeze policy {freeze!r}; expected one of {', '.join(FREEZE)}")
-    for name, p in model.named_parameters():
-        p.requires_grad = not name.startswith("vision_model.") and (
-            freeze == "none" or OFFICIAL_TRAINABLE.match(name) is not None)
-
+# ---- optimisation ---------------------------------------------------------------
 
 def param_groups(model: RecapModel, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only: not on biases, norms, gates or the learned queries."""
@@ -230,31 +134,6 @@ def epoch_batches(sizes: dict[str, int], batch_size: int, seed: int, epoch: int,
         per_level.append([(level, c) for c in chunks if len(c) >= world])
     return [batches[turn] for turn in range(max(map(len, per_level), default=0))
             for batches in per_level if turn < len(batches)]
-
-
-# ---- checkpoints ----------------------------------------------------------------
-
-def epoch_dir(run_dir: str, epoch: int) -> str:
-    return f"{run_dir}/epoch-{epoch:04d}"
-
-
-def last_epoch(store: Store, run_dir: str) -> int:
-    """The newest committed epoch of a run (0: none)."""
-    epochs = [int(name.removeprefix("epoch-")) for name in store.listdir(run_dir) if name.startswith("epoch-")]
-    return max(epochs, default=0)
-
-
-def save_epoch(store: Store, run_dir: str, epoch: int, model: RecapModel, tokenizer: Tokenizer, state: dict) -> str:
-    """Commit an epoch's checkpoint folder (hidden temporary name, then rename), then drop the older ones."""
-    rel = epoch_dir(run_dir, epoch)
-    tmp = store.tmp_name(rel)
-    checkpoint.save(model, tokenizer, store.abs(tmp))
-    torch.save(state, f"{store.abs(tmp)}/train_state.pt")
-    store.replace(tmp, rel)
-    for name in store.listdir(run_dir):
-        if name.startswith("epoch-") and name != rel.rsplit("/", 1)[1]:
-            store.remove(f"{run_dir}/{name}")
-    return rel
 
 
 def write_curves(store: Store, run_dir: str, history: list[dict]) -> None:
@@ -395,7 +274,10 @@ class Trainer:
                           "loss": loss, "lr": self.scheduler.get_last_lr()[0]} for level, loss in val.items()]
         state = {"epoch": epoch, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "history": self.history}
-        rel = save_epoch(self.store, self.plan.run_dir, epoch, self.model, self.tokenizer, state)
+        def write(folder: str) -> None:
+            checkpoint.save(self.model, self.tokenizer, folder)
+            torch.save(state, f"{folder}/train_state.pt")
+        rel = commit_epoch(self.store, self.plan.run_dir, epoch, write)
         write_curves(self.store, self.plan.run_dir, self.history)
         val_text = ", ".join(f"{level} {loss:.4f}" for level, loss in val.items()) or "no val split"
         self.say(f"epoch {epoch}/{self.s.epochs} | train loss {train_loss:.4f} | val loss {val_text} | "

@@ -27,7 +27,7 @@ def tokenizer():
 
 def tiny_model(level, tokenizer):
     torch.manual_seed(0)
-    config = RecapConfig.preset(level, tiny=True).with_overrides(
+    config = RecapConfig.preset(level, "tiny").with_overrides(
         {"vocab_size": tokenizer.vocab_size, "bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id})
     model = RecapModel(config).eval()
     for p in model.parameters():
@@ -86,7 +86,7 @@ def test_load_rejects_other_folders(tmp_path):
 
 
 def test_save_rejects_a_tokenizer_that_does_not_fit(tmp_path, tokenizer):
-    model = RecapModel(RecapConfig.preset("video", tiny=True))  # vocab 100, eos 99
+    model = RecapModel(RecapConfig.preset("video", "tiny"))  # vocab 100, eos 99
     with pytest.raises(ValueError, match="does not fit the model"):
         checkpoint.save(model, tokenizer, tmp_path)
 

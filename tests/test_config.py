@@ -63,11 +63,7 @@ def test_bad_values_on_the_command_line_exit_2_before_any_work(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[windows]\nclip_s = -4\n")
     cases = [("features", "--config", str(bad)), ("features", "--batch-size", "-3"),
-             ("captions", "--method", "nucleus"), ("run", "--config", str(bad))]
-    import torch
-
-    if not torch.cuda.is_available():
-        cases.append(("features", "--device", "cuda"))
+             ("captions", "--method", "nucleus"), ("run", "--config", str(bad)), ("features", "--device", "gpu")]
     for args in cases:
         proc = run_cli(*args, "--store", str(root), "--local")
         assert proc.returncode == 2, (args, proc.stderr)
@@ -87,7 +83,8 @@ def test_the_store_remembers_and_moves(tiny_corpus, tmp_path):
     """Ingest by a relative path, extract with a flag, then: no flags needed, from anywhere, after a move."""
     (tmp_path / "a").mkdir()
     shutil.copytree(tiny_corpus / "videos", tmp_path / "a" / "videos")
-    run_cli("ingest", "videos", "--store", "store", cwd=tmp_path / "a", check=True)
+    files = sorted(f"videos/{p.name}" for p in (tmp_path / "a" / "videos").iterdir())
+    run_cli("ingest", *files, "--store", "store", cwd=tmp_path / "a", check=True)  # relative file paths
     one = run_cli("features", "--store", str(tmp_path / "a" / "store"), "--encoder", "tsf-tiny",
                   "--batch-size", "8", "--local", check=True)
     assert "features.encoder 'tsf-base' -> 'tsf-tiny'" in one.stderr
@@ -107,9 +104,17 @@ def test_the_store_remembers_and_moves(tiny_corpus, tmp_path):
     assert all(v["uri"].startswith(str(tmp_path / "a" / "videos")) for v in read_videos(Store(moved)))
 
 
-def test_a_full_size_encoder_without_weights_is_refused_unless_asked(tiny_corpus, tmp_path):
+def test_a_full_size_encoder_without_weights_or_a_missing_gpu_is_refused_before_work(tiny_corpus, tmp_path):
     root = str(tmp_path / "store")
     run_cli("ingest", str(tiny_corpus / "videos"), "--store", root, check=True)
     proc = run_cli("features", "--store", root, "--local")
     assert proc.returncode == 2 and "features.random_weights" in proc.stderr
+    import torch
+
+    if not torch.cuda.is_available():
+        local = run_cli("features", "--store", root, "--encoder", "tsf-tiny", "--device", "cuda", "--local")
+        assert local.returncode == 2 and "this machine has 0 CUDA device(s)" in local.stderr, local.stderr
+        ray = run_cli("features", "--store", root, "--encoder", "tsf-tiny", "--device", "cuda")  # no wait on Ray
+        assert ray.returncode == 2 and "the Ray cluster has none" in ray.stderr, ray.stderr
     assert "features" not in [p.name for p in (tmp_path / "store").iterdir()]
+    assert not (tmp_path / "store" / SETTINGS_FILE).exists()  # a refused command records nothing

@@ -13,7 +13,7 @@ RECAP_CKPT = Path(__file__).parent / "data" / "reference" / "tiny_clip_checkpoin
 
 def frames_for(enc, batch=2, seed=0):
     g = torch.Generator().manual_seed(seed)
-    shape = (batch, enc.num_frames, enc.image_size, enc.image_size, 3)
+    shape = (batch, enc.spec.num_frames, enc.spec.image_size, enc.spec.image_size, 3)
     return torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
 
 
@@ -22,7 +22,7 @@ def test_encodes_to_declared_shapes_deterministically(name):
     enc = build_encoder(name, seed=0)
     frames = frames_for(enc)
     cls, tokens = enc.encode(frames)
-    assert cls.shape == (2, enc.dim) and tokens.shape == (2, enc.num_tokens, enc.dim)
+    assert cls.shape == (2, enc.spec.dim) and tokens.shape == (2, enc.spec.num_tokens, enc.spec.dim)
     assert cls.dtype == tokens.dtype == torch.float32 and torch.isfinite(tokens).all()
     assert torch.equal(tokens[:, 0], cls)
     assert not torch.allclose(cls[0], cls[1])
@@ -40,10 +40,10 @@ def test_tsf_normalises_with_lavila_statistics():
     enc = build_encoder("tsf-tiny", checkpoint=RECAP_CKPT)
     frames = frames_for(enc)
     x = frames.permute(0, 1, 4, 2, 3).float()
-    x = (x - torch.tensor(enc.mean).view(3, 1, 1)) / torch.tensor(enc.std).view(3, 1, 1)
+    x = (x - torch.tensor(enc.spec.mean).view(3, 1, 1)) / torch.tensor(enc.spec.std).view(3, 1, 1)
     model = TimeSformer.from_lavila(RECAP_CKPT, TimeSformerConfig.tiny())
     with torch.no_grad():
-        expected = model.forward_features(x, cls_at_last=False)
+        expected = model.forward_tokens(x)
     _, tokens = enc.encode(frames)
     torch.testing.assert_close(tokens, expected)
     assert not enc.weights_id.startswith("random")
@@ -80,8 +80,8 @@ def test_videoprism_round_trips_through_a_local_folder(tmp_path):
     ],
 )
 def test_full_size_encoders_declare_their_windows(name, frames, size, tokens, mean):
-    enc = build_encoder(name)  # random weights, not run: too slow for the suite
-    assert (enc.num_frames, enc.image_size, enc.dim, enc.num_tokens, enc.mean) == (frames, size, 768, tokens, mean)
+    spec = build_encoder(name).spec  # random weights, not run: too slow for the suite
+    assert (spec.num_frames, spec.image_size, spec.dim, spec.num_tokens, spec.mean) == (frames, size, 768, tokens, mean)
 
 
 def test_bad_frames_and_names_are_refused(tmp_path):

@@ -20,7 +20,7 @@ def random_decoder(seed, vocab_size=100):
     """Tiny decoder with the fixtures' weight scales (reference sidecar `weight_init_rules`): open gates,
     so queries and tokens both matter and greedy top-1/top-2 margins are far above fp noise."""
     torch.manual_seed(seed)
-    config = RecapConfig.preset("video", tiny=True).with_overrides(
+    config = RecapConfig.preset("video", "tiny").with_overrides(
         {"vocab_size": vocab_size, "bos_token_id": vocab_size - 1, "eos_token_id": vocab_size - 1})
     decoder = RecapModel(config).text_decoder.eval()
     g = torch.Generator().manual_seed(seed)

@@ -202,7 +202,7 @@ def test_loaded_model_keeps_ties_and_official_buffers():
 
 def test_cached_decoding_matches_full_forward():
     torch.manual_seed(0)
-    model = RecapModel(RecapConfig.preset("video", tiny=True)).eval()
+    model = RecapModel(RecapConfig.preset("video", "tiny")).eval()
     for p in model.parameters():
         if p.dim() == 0:
             torch.nn.init.uniform_(p, -1, 1)  # open the gates so the queries matter
@@ -219,7 +219,7 @@ def test_cached_decoding_matches_full_forward():
 
 def test_training_step_reaches_every_trainable_part():
     torch.manual_seed(0)
-    model = RecapModel(RecapConfig.preset("segment", tiny=True)).train()
+    model = RecapModel(RecapConfig.preset("segment", "tiny")).train()
     for p in model.parameters():
         if p.dim() == 0:
             torch.nn.init.constant_(p, 0.5)

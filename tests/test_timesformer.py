@@ -23,8 +23,8 @@ def io():
 def reproduces_fixture(model, io):
     x, out = io
     with torch.no_grad():
-        tokens = model.forward_features(x, cls_at_last=False)
-        cls = model.forward_features(x, cls_at_last=True)
+        tokens = model.forward_tokens(x)
+        cls = model(x)
     # Bit-exact with explicit softmax attention; the fused SDPA kernel rounds differently (~1e-6).
     torch.testing.assert_close(tokens, out["vision_tokens"], atol=5e-6, rtol=0)
     torch.testing.assert_close(cls, out["vision_cls"], atol=5e-6, rtol=0)
@@ -85,5 +85,5 @@ def test_base_state_dict_matches_lavila_manifest():
 def test_fewer_frames_than_configured():
     model = TimeSformer(TimeSformerConfig.tiny()).eval()
     with torch.no_grad():
-        tokens = model.forward_features(torch.randn(2, 2, 3, 32, 32), cls_at_last=False)
+        tokens = model.forward_tokens(torch.randn(2, 2, 3, 32, 32))
     assert tokens.shape == (2, 1 + 2 * 4, 64)

@@ -28,7 +28,8 @@ from pipeline.runner import run_stage
 from pipeline.train import train
 from stages.evaluate import evaluate_level
 from pipeline.dag import features_stage
-from stages.train import epoch_batches, load_init, param_groups, query_rows, set_trainable
+from models.training import load_init, query_rows, set_trainable
+from stages.train import epoch_batches, param_groups
 from store import CAPTION_SCHEMA, Store, captions_rel, read_groundtruth
 
 from conftest import REPO, copy_store

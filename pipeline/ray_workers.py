@@ -1,4 +1,4 @@
-"""Ray plumbing: connecting to a cluster and the per-worker stage actor."""
+"""Ray plumbing: connecting to a cluster, and the actor that holds one stage per worker."""
 
 from __future__ import annotations
 
