@@ -97,12 +97,5 @@ class FeatureSet:
     def read_tokens(self, video_id: str, rows: slice) -> np.ndarray:
         if not self.has_tokens(video_id):
             raise FileNotFoundError(
-                f"{self.rel(video_id)}: no tokens stored (features ran with --no-tokens or tokens were pruned)")
+                f"{self.rel(video_id)}: no tokens stored (features ran with --no-tokens, or the tokens folder was deleted)")
         return self._array(video_id, "tokens")[rows]
-
-    def prune_tokens(self, video_id: str) -> int:
-        """Delete the video's token array; returns the bytes freed."""
-        rel = f"{self.rel(video_id)}/tokens"
-        freed = self.store.size(rel)
-        self.store.remove(rel)
-        return freed
