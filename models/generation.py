@@ -1,5 +1,5 @@
 """Caption generation from the mapped queries: greedy, beam search and nucleus sampling with a
-key/value cache, plus `generate_official`, the reference greedy loop (README 4.6) kept for
+key/value cache, plus `generate_official`, the official greedy loop, kept for
 reproducing official outputs exactly.
 
 Queries are projected to cross-attention keys/values once per call; each step then feeds only the

@@ -1,6 +1,6 @@
 """GPT-2 with gated cross-attention to the mapped queries, the Video ReCap text decoder (`text_decoder`).
 
-Reference README 4.5. Blocks whose index is a multiple of `cross_attn_freq` first read the queries,
+Blocks whose index is a multiple of `cross_attn_freq` first read the queries,
     h = h + tanh(alpha_cattn) * XAttn(ln_cross_attn(h), queries)
     h = h + tanh(alpha_dense) * MLP_relu2(ln_2_crossattention(h))
 and then run the standard GPT-2 block. The attention module keeps the GPT-2 layout of transformers

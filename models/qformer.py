@@ -1,6 +1,6 @@
 """Q-Former mapper: learned queries read a context (video features or text embeddings) through BERT layers.
 
-Layout and computation of the official `QformerMapper` (reference README 4.2): a BLIP-2 style
+Layout and computation of the official `QformerMapper`: a BLIP-2 style
 `BertLMHeadModel` under `mapper`, of which only `bert` runs on the queries. The word/position
 tables, the text FFN (`intermediate`/`output`) and the `cls` MLM head are never used but are part
 of the checkpoint, so they exist here with the official names, shapes and ties.

@@ -1,5 +1,5 @@
 """The Video ReCap captioning model: Q-Former mappers over video features and previous-level text,
-feeding a GPT-2 decoder with gated cross-attention (reference README 4).
+feeding a GPT-2 decoder with gated cross-attention.
 
     video (pixels -> TimeSformer tokens, or CLS features) --video_mapper--> video queries --+
     previous-level ids -> wte + wpe ---------------------------text_mapper--> text queries --+-> text_decoder
@@ -288,7 +288,7 @@ class RecapModel(nn.Module):
         return context
 
     def embed_text(self, text_ids: torch.Tensor) -> torch.Tensor:
-        """Previous-level GPT-2 ids -> the decoder's own wte + wpe, positions 0..L-1 (README 4.3)."""
+        """Previous-level GPT-2 ids -> the decoder's own wte + wpe, positions 0..L-1, as officially."""
         return self.text_decoder.transformer.embed(text_ids)
 
     def map_features(self, video, video_mask=None, text_ids=None, text_mask=None) -> torch.Tensor:
@@ -307,7 +307,7 @@ class RecapModel(nn.Module):
 
     def forward(self, video, caption_tokens, video_mask=None, text_ids=None, text_mask=None) -> RecapOutput:
         """Teacher-forced logits for caption_tokens ([bos] + ids + [eos] + pad) and the official loss:
-        cross-entropy over all B*(L-1) targets, pads counting as 0 in the mean (README 4.5)."""
+        cross-entropy over all B*(L-1) targets, pads counting as 0 in the mean, as officially."""
         queries = self.map_features(video, video_mask, text_ids, text_mask)
         logits = self.text_decoder(caption_tokens[:, :-1], queries)[0]
         loss = F.cross_entropy(logits.transpose(1, 2), caption_tokens[:, 1:],

@@ -2,7 +2,7 @@
 
 State-dict keys and shapes are the official ones, so a LaViLa dual-encoder
 checkpoint (`module.visual.*`) or a Video ReCap clip checkpoint
-(`module.vision_model.*`) loads strictly. Architecture: reference README 4.1.
+(`module.vision_model.*`) loads strictly.
 """
 
 from __future__ import annotations

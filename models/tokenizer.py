@@ -1,6 +1,6 @@
 """Caption tokenizer: a local GPT-2 tokenizer folder, or a small byte-level BPE trained on captions.
 
-Official convention (README 4.6): captions are `[bos] + ids + [eos]` padded with id 0, and bos = eos
+Official convention: captions are `[bos] + ids + [eos]` padded with id 0, and bos = eos
 is the last id (GPT-2's <|endoftext|> = 50256). A trained BPE follows it: `<pad>` is id 0 and
 `<|endoftext|>` the last id. Only local paths are read; nothing is downloaded.
 """

@@ -20,7 +20,7 @@ FREEZE = ("official", "none")
 # 4: 96 text queries at the video level (a summary copies 3-6 descriptions in order; 32 queries garbled them).
 MODEL_RULES = 4
 
-# README 1, "trainable sets": what the official training updates when freezing (everything else keeps its init).
+# What the official training updates when freezing (everything else keeps its init).
 OFFICIAL_TRAINABLE = re.compile(
     r"(video_queries|text_queries"
     r"|(video|text)_mapper\.mapper\.bert\.encoder\.layer\.\d+\.crossattention\."
@@ -45,7 +45,7 @@ def level_config(size: str, level: str, feature_dim: int, tokens_per_window: int
 
 
 def query_rows(n: int, k: int) -> np.ndarray:
-    """Rows of n learned queries that make k (README 4.7): the official arange(0, n, n/(k+1))[1:],
+    """Rows of n learned queries that make k: the official arange(0, n, n/(k+1))[1:],
     which also repeats rows when k > n."""
     return np.arange(0, n, n / (k + 1)).astype(int)[1:k + 1]
 

@@ -1,4 +1,4 @@
-"""The ReCap model against the official layout and the official tiny fixtures (reference README 3-4)."""
+"""The ReCap model against the official layout and tiny fixtures the official code made (tests/data/reference)."""
 
 import json
 from pathlib import Path
