@@ -45,6 +45,7 @@ def _load(store: str | None, config: Path | None, *, record: bool = True, **over
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
     if record:
+        Store(cfg.store).check_writable()  # a read-only store: one line, before any work (main())
         _to_record.append(cfg)
     return cfg
 
@@ -108,7 +109,7 @@ def ingest(sources: Annotated[list[str], typer.Argument(help="Folders, list file
             summary = ingest_hcap(st, sources[1], videos, threads)
         else:
             summary = ingest_videos(st, sources, threads)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:  # missing or unsafe metadata
         _fail(str(e))
     _exit_for(summary)
 
@@ -323,4 +324,15 @@ def checkpoint_inspect(path: Annotated[str, typer.Argument(help="Our checkpoint 
 
 
 def main() -> None:
-    app()
+    """The app, with errors of the machine (a read-only or full store, a missing mount) as one line, exit 2;
+    RECAP_DEBUG=1 shows the traceback."""
+    import os
+
+    try:
+        app()
+    except OSError as e:
+        if os.environ.get("RECAP_DEBUG"):
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        typer.secho(f"error: {where}{e.strerror or e}", fg="red", err=True)
+        raise SystemExit(EXIT_USAGE) from None

@@ -26,7 +26,8 @@ def ingest(store: Store, sources: list[str], threads: int = 4, stream=sys.stderr
             else list_videos(source)
     uris = [_absolute(uri) for uri in uris]
     summary = Summary(STAGE)
-    known = {v["video_id"]: v["uri"] for v in read_videos(store, status=None)}
+    registered = {v["video_id"]: v for v in read_videos(store, status=None)}
+    known = {vid: row["uri"] for vid, row in registered.items()}
     claimed: dict[str, str] = {}
     units = []
     for uri in uris:
@@ -48,7 +49,8 @@ def ingest(store: Store, sources: list[str], threads: int = 4, stream=sys.stderr
     def probe(item):
         vid, uri = item
         try:
-            return vid, probe_video(uri), None
+            row = registered.get(vid)
+            return vid, probe_video(uri, row if row and row["uri"] == uri else None), None
         except Exception as e:
             return vid, None, e
 

@@ -47,6 +47,7 @@ class Summary:
     skipped: int = 0
     failed: int = 0
     blocked: int = 0
+    elsewhere: int = 0  # units another process on the store was running: left to it
     work: float = 0.0
     wall_s: float = 0.0
     failures: list[dict] = field(default_factory=list)
@@ -54,7 +55,8 @@ class Summary:
 
     def line(self) -> str:
         text = (f"[{self.stage}] done {self.done}, skipped {self.skipped}, failed {self.failed}"
-                + (f", blocked {self.blocked}" if self.blocked else "") + f" | wall {self.wall_s:.1f} s")
+                + (f", blocked {self.blocked}" if self.blocked else "")
+                + (f", running elsewhere {self.elsewhere}" if self.elsewhere else "") + f" | wall {self.wall_s:.1f} s")
         if self.done and self.wall_s > 0 and self.work:
             text += f" | {self.work / self.wall_s:.1f} work/s"
         return text

@@ -38,31 +38,30 @@ def run_stage(stage: Stage, store: Store, *, executor: str = "ray", workers: int
               stream=sys.stderr) -> Summary:
     start = time.monotonic()
     todo, done, failed_before, blocked = todo_units(stage, store, retry_failed)
+    if executor != "ray" or todo:  # in this process: always (cheap); on Ray: only when there is work
+        _check_gpus(stage, executor, address)
     summary = Summary(stage.name, skipped=len(done), failed=len(failed_before), blocked=len(blocked),
                       failures=list(failed_before), blocked_reasons=[b.reason for b in blocked])
     for record in failed_before:
         print(f"[{stage.name}] {record['unit']}: failed before ({record['message']}); "
               f"--retry-failed to try again", file=stream)
-    if todo:
-        stage.check()
-        _check_gpus(stage, executor, address)
-        stage.prepare(store, todo)
-        progress = Progress(stage.name, len(todo), sum(u.work for u in todo), stage.work_name, stream,
-                            progress_every_s)
-        results = (_run_ray(stage, store, todo, workers, max_retries, address) if executor == "ray"
-                   else _run_local(stage, store, todo))
-        for unit, error in results:
-            if error is None:
-                summary.done += 1
-                summary.work += unit.work
-            else:
-                record = store.record_failure(stage.name, stage.version(), unit.id, error, unit.video_id)
-                summary.failed += 1
-                summary.failures.append(record)
-                if summary.failed <= MAX_FAILURE_LINES:
-                    print(f"[{stage.name}] {unit.id}: FAILED {record['error_type']}: {record['message']}",
-                          file=stream)
-            progress.advance(unit.work)
+    for folder in (getattr(stage, "output_dir", None), f"markers/{stage.name}/{stage.version()}",
+                   f"failures/{stage.name}/{stage.version()}"):
+        if folder:  # what killed runs left behind, old enough that no live writer can own it
+            store.remove_temporaries(folder, older_than_s=store.TMP_STALE_S)
+    todo, elsewhere, done_meanwhile = _claim(stage, store, todo)
+    summary.skipped += done_meanwhile
+    if elsewhere:
+        summary.elsewhere = len(elsewhere)
+        print(f"[{stage.name}] {len(elsewhere)} unit(s) running in another process on this store: skipped "
+              f"(e.g. {elsewhere[0].id})", file=stream)
+    try:
+        if todo:
+            _run_claimed(stage, store, todo, summary, executor, workers, address, max_retries, progress_every_s,
+                         stream)
+    finally:
+        for unit in todo:
+            store.release(stage.name, stage.version(), unit.id)
     if summary.failed > MAX_FAILURE_LINES:
         print(f"[{stage.name}] ... and {summary.failed - MAX_FAILURE_LINES} more failures: "
               f"failures/{stage.name}/{stage.version()}/", file=stream)
@@ -73,6 +72,43 @@ def run_stage(stage: Stage, store: Store, *, executor: str = "ray", workers: int
     summary.wall_s = time.monotonic() - start
     print(summary.line(), file=stream, flush=True)
     return summary
+
+
+def _claim(stage: Stage, store: Store, units: list[Unit]) -> tuple[list[Unit], list[Unit], int]:
+    """Take the units no other live process holds: (ours, held elsewhere, committed since planning)."""
+    ours, elsewhere, done = [], [], 0
+    version = stage.version()
+    for unit in units:
+        if not store.claim(stage.name, version, unit.id):
+            elsewhere.append(unit)
+        elif store.is_done(stage.name, version, unit.id, unit.fingerprint):  # another run finished it meanwhile
+            store.release(stage.name, version, unit.id)
+            done += 1
+        else:
+            ours.append(unit)
+    return ours, elsewhere, done
+
+
+def _run_claimed(stage: Stage, store: Store, todo: list[Unit], summary: Summary, executor: str, workers: int,
+                 address: str | None, max_retries: int, progress_every_s: float, stream) -> None:
+    stage.check()
+    stage.prepare(store, todo)
+    progress = Progress(stage.name, len(todo), sum(u.work for u in todo), stage.work_name, stream, progress_every_s)
+    results = (_run_ray(stage, store, todo, workers, max_retries, address) if executor == "ray"
+               else _run_local(stage, store, todo))
+    for unit, error in results:
+        if error is None:
+            summary.done += 1
+            summary.work += unit.work
+        else:
+            record = store.record_failure(stage.name, stage.version(), unit.id, error, unit.video_id)
+            summary.failed += 1
+            summary.failures.append(record)
+            if summary.failed <= MAX_FAILURE_LINES:
+                print(f"[{stage.name}] {unit.id}: FAILED {record['error_type']}: {record['message']}"
+                      + (f" (no failure record: {record['not_recorded']})" if "not_recorded" in record else ""),
+                      file=stream)
+        progress.advance(unit.work)
 
 
 def _check_gpus(stage: Stage, executor: str, address: str | None) -> None:

@@ -18,6 +18,14 @@ import decord
 import numpy as np
 
 
+def quiet_decoders() -> None:
+    """decord's and FFmpeg's own log lines would interleave with ours: their errors reach us as exceptions."""
+    import av
+
+    decord.logging.set_level(decord.logging.QUIET)
+    av.logging.set_level(av.logging.PANIC)
+
+
 def window_times(duration_s: float, clip_s: float = 4.0, min_tail: float = 0.0) -> np.ndarray:
     """[n, 2] start/end seconds of the windows covering a video; a last window shorter than
     `min_tail` x `clip_s` joins the one before (when there is one)."""
@@ -47,6 +55,7 @@ class WindowReader:
 
     def __init__(self, path: str, size: int, frames_per_window: int, windows: np.ndarray, threads: int = 1):
         self.path, self.size, self.windows = path, size, windows
+        quiet_decoders()
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: file not found")
         try:

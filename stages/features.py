@@ -18,7 +18,7 @@ import torch
 from models.encoders import build_encoder, describe_encoder
 from stages.base import Resources, Stage, Unit
 from stages.decode import WindowReader, window_times
-from store import FeatureSet, Store, file_digest, fingerprint, read_videos
+from store import FeatureSet, Store, fingerprint, path_digest, read_videos
 
 
 @dataclass(eq=False)
@@ -50,7 +50,7 @@ class FeaturesStage(Stage):
 
     def version(self) -> str:
         if self._version is None:
-            weights = file_digest(*_fs_path(self.checkpoint)) if self.checkpoint else "random-seed0"
+            weights = path_digest(*_fs_path(self.checkpoint)) if self.checkpoint else "random-seed0"
             params = {"encoder": self.encoder, "weights": weights, "clip_s": self.clip_s,
                       "tokens": self.tokens, "spec": vars(self.spec)}
             self._version = f"{self.encoder}-{fingerprint(params, length=8)}"

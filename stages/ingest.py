@@ -13,7 +13,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from store import GROUNDTRUTH_SCHEMA, file_digest, now_iso, video_id_for
+from stages.decode import quiet_decoders
+from store import GROUNDTRUTH_SCHEMA, file_digest, now_iso, sampled_digest, video_id_for
 
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v"}
 SPLITS = ("train", "val", "test")
@@ -28,15 +29,25 @@ def _first_line(e: BaseException) -> str:
     return text[0][:200] if text else type(e).__name__
 
 
-def probe_video(uri: str) -> dict:
-    """Registry row of one video file; raises BadVideo naming the file and the problem."""
+def probe_video(uri: str, known: dict | None = None) -> dict:
+    """Registry row of one video file; raises BadVideo naming the file and the problem. `known`: the file's
+    registered row, whose content id stands while size and modification time are unchanged (no re-read)."""
+    quiet_decoders()
     fs, path = fsspec.core.url_to_fs(uri)
+    local = "file" in fs.protocol
+    if local and os.path.islink(path) and not os.path.exists(path):
+        problem = "symbolic link loop" if _is_loop(path) else "broken symbolic link"
+        raise BadVideo(f"{uri}: {problem}")
     if not fs.exists(path):
         raise BadVideo(f"{uri}: file not found")
+    if fs.isdir(path):
+        raise BadVideo(f"{uri}: a folder, not a video file")
     size = int(fs.size(path))
     if size == 0:
         raise BadVideo(f"{uri}: empty file (0 bytes)")
-    local = path if "file" in fs.protocol else fs.open(path, "rb")
+    if local:
+        _check_container(uri, path)
+    local = path if local else fs.open(path, "rb")
     try:
         reader = decord.VideoReader(local, num_threads=1)
     except Exception as e:
@@ -53,11 +64,50 @@ def probe_video(uri: str) -> dict:
     except Exception as e:
         raise BadVideo(f"{uri}: truncated or corrupt, cannot decode all {frames} frames ({_first_line(e)})") from None
     return {
-        "video_id": video_id_for(Path(path).stem, uri), "uri": uri, "content_id": file_digest(fs, path),
-        "size_bytes": size, "duration_s": end_s if end_s > 0 else frames / fps, "fps": fps, "width": int(width),
+        "video_id": video_id_for(Path(path).stem, uri), "uri": uri, "content_id": _content_id(fs, path, known),
+        "size_bytes": size, "mtime_ns": _mtime_ns(fs, path), "duration_s": end_s if end_s > 0 else frames / fps, "fps": fps, "width": int(width),
         "height": int(height), "frames": frames, "codec": _codec_name(local), "status": "ok",
         "error": None, "ingested_at": now_iso(),
     }
+
+
+def _mtime_ns(fs, path: str) -> int | None:
+    mtime = fs.info(path).get("mtime")
+    return int(mtime * 1e9) if isinstance(mtime, (int, float)) else None
+
+
+def _content_id(fs, path: str, known: dict | None) -> str:
+    if known and known.get("content_id"):
+        if known.get("mtime_ns") is not None:
+            if (known["size_bytes"], known["mtime_ns"]) == (int(fs.size(path)), _mtime_ns(fs, path)):
+                return known["content_id"]
+        elif sampled_digest(fs, path) == known["content_id"]:  # a row from before full hashing, unchanged
+            return known["content_id"]
+    return file_digest(fs, path)
+
+
+def _is_loop(path: str) -> bool:
+    try:
+        os.stat(path)
+    except OSError as e:
+        return e.errno == 40  # ELOOP
+    return False
+
+
+def _check_container(uri: str, path: str) -> None:
+    """The common ways a file is not a video, said in words (decord would give a C++ trace)."""
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                kinds = sorted({s.type for s in container.streams})
+                raise BadVideo(f"{uri}: no video stream" + (" (audio only)" if kinds == ["audio"] else
+                                                            f" ({', '.join(kinds)} only)" if kinds else ""))
+    except av.FFmpegError:
+        with open(path, "rb") as f:
+            head = f.read(12)
+        if head[4:8] == b"ftyp":
+            raise BadVideo(f"{uri}: truncated: the file ends before the index (moov atom)") from None
+        raise BadVideo(f"{uri}: not a video file (no container format recognised)") from None
 
 
 def _codec_name(local) -> str | None:
@@ -75,8 +125,8 @@ def list_videos(source: str) -> list[str]:
     fs, path = fsspec.core.url_to_fs(source)
     if not fs.exists(path):
         raise FileNotFoundError(f"{source}: no such folder or list file")
-    if fs.isdir(path):
-        found = [p for p in fs.find(path) if Path(p).suffix.lower() in VIDEO_SUFFIXES]
+    if fs.isdir(path):  # folders named like videos too: probing says what they are
+        found = [p for p in fs.find(path, withdirs=True) if Path(p).suffix.lower() in VIDEO_SUFFIXES]
         return sorted(fs.unstrip_protocol(p) if "file" not in fs.protocol else p for p in found)
     with fs.open(path, "r") as f:
         return [line.strip() for line in f if line.strip() and not line.startswith("#")]
@@ -92,8 +142,14 @@ class _PlainUnpickler(pickle.Unpickler):
 
 
 def _load_pickle(path: Path):
+    """Plain data from a metadata pickle; anything else is a ValueError naming the file."""
     with open(path, "rb") as f:
-        return _PlainUnpickler(f).load()
+        try:
+            return _PlainUnpickler(f).load()
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"{path}: {e}") from None
+        except (EOFError, pickle.PickleError) as e:
+            raise ValueError(f"{path}: not a readable pickle ({type(e).__name__})") from None
 
 
 def read_hcap(metadata_dir: str | os.PathLike) -> dict[str, pa.Table]:

@@ -1,7 +1,7 @@
 """The feature store and tables. Imports nothing else of ours."""
 
 from store.features import FeatureSet
-from store.hashing import file_digest, fingerprint
+from store.hashing import file_digest, fingerprint, path_digest, sampled_digest
 from store.ids import check_name, is_safe_name, video_id_for
 from store.levels import LEVEL, LEVELS, Level, latest_checkpoint, record_latest
 from store.runs import commit_epoch, epoch_dir, last_epoch
@@ -12,7 +12,8 @@ from store.tables import (
 )
 
 __all__ = [
-    "Store", "now_iso", "FeatureSet", "fingerprint", "file_digest", "check_name", "is_safe_name", "video_id_for",
+    "Store", "now_iso", "FeatureSet", "fingerprint", "file_digest", "path_digest", "sampled_digest",
+    "check_name", "is_safe_name", "video_id_for",
     "LEVEL", "LEVELS", "Level", "latest_checkpoint", "record_latest", "commit_epoch", "epoch_dir", "last_epoch",
     "CAPTION_SCHEMA", "GROUNDTRUTH_SCHEMA", "VIDEO_SCHEMA", "captions_dir", "captions_rel",
     "read_captions", "read_groundtruth", "read_videos", "register_videos", "write_groundtruth",

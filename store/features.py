@@ -47,6 +47,12 @@ class FeatureSet:
         sees a group with missing arrays.
         """
         rel = self.rel(video_id)
+        with self.store.lock(f"features.{self.name}.{video_id}"):  # two runs may prepare one video at once
+            return self._create(rel, video_id, windows, dim, num_tokens, fingerprint, attrs, rows_per_chunk,
+                                token_rows_per_chunk)
+
+    def _create(self, rel, video_id, windows, dim, num_tokens, fingerprint, attrs, rows_per_chunk,
+                token_rows_per_chunk) -> bool:
         info = self.info(video_id)
         if info is not None and info.get("fingerprint") == fingerprint:
             return False

@@ -10,6 +10,7 @@ Layout (relative to the root):
     failures/<stage>/<version>/<unit>.json failure records
     superseded/<fingerprint>/...           outputs replaced by a changed fingerprint
     locks/                                 short-lived commit locks (local roots)
+    claims/<stage>/<version>/<unit>.json   units a running process has taken (local roots)
 
 Every write is atomic: a hidden temporary name, then a rename (local) or a
 single put (object stores). Readers of table folders skip hidden names.
@@ -40,7 +41,9 @@ def now_iso() -> str:
 
 
 class Store:
-    LOCK_STALE_S = 120.0
+    LOCK_STALE_S = 120.0  # a commit lock older than this is a dead process's
+    CLAIM_STALE_S = 6 * 3600.0  # a claim from another host older than this is a dead run's
+    TMP_STALE_S = 3600.0  # a temporary this old is a dead writer's: every write renames within seconds
 
     def __init__(self, root: str | os.PathLike = "recap-store", create: bool = True):
         """`create=False`: a store that does not exist is a FileNotFoundError (commands that only read)."""
@@ -53,6 +56,14 @@ class Store:
             raise FileNotFoundError(f"{self.root}: no store here (run `recap ingest` or `recap demo` first, "
                                     "or pass --store)")
         self.fs.makedirs(self.path, exist_ok=True)
+
+    def check_writable(self) -> None:
+        """Raise the OSError a write would (a read-only or full disk, no permission) before any work starts."""
+        if self.local:
+            probe = os.path.join(self.path, f".write-test-{os.getpid()}")
+            with open(probe, "wb"):
+                pass
+            os.remove(probe)
 
     def __repr__(self) -> str:
         return f"Store({self.root!r})"
@@ -97,17 +108,33 @@ class Store:
         head, tail = posixpath.split(rel)
         return posixpath.join(head, f".tmp-{tail}-{uuid.uuid4().hex[:12]}")
 
-    def remove_temporaries(self, folder: str) -> None:
-        """Temporaries in `folder` that a killed writer never renamed into place (only safe while no writer runs)."""
+    def remove_temporaries(self, folder: str, older_than_s: float = 0.0) -> int:
+        """Remove the temporaries directly in `folder` that a killed or crashed writer never renamed into
+        place, if older than `older_than_s` (0: all, only safe while no writer runs). Returns how many."""
+        removed = 0
         for path in self.fs.glob(f"{self.abs(folder)}/.tmp-*"):
-            self.fs.rm(path, recursive=True)
+            try:
+                age = time.time() - self.fs.modified(path).timestamp()
+            except (OSError, NotImplementedError):
+                age = float("inf")
+            if age >= older_than_s:
+                self.fs.rm(path, recursive=True)
+                removed += 1
+        return removed
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         tmp = self.tmp_name(rel)
         self.fs.makedirs(posixpath.dirname(self.abs(rel)), exist_ok=True)
-        with self.fs.open(self.abs(tmp), "wb") as f:
-            f.write(data)
-        self.replace(tmp, rel)
+        try:
+            with self.fs.open(self.abs(tmp), "wb") as f:
+                f.write(data)
+            self.replace(tmp, rel)
+        except BaseException:  # a full disk, a kill: leave no temporary behind where we can
+            try:
+                self.remove(tmp)
+            except OSError:
+                pass
+            raise
 
     def replace(self, src_rel: str, dst_rel: str) -> None:
         """Move src over dst atomically (local rename; on object stores a move of a hidden temp)."""
@@ -227,7 +254,10 @@ class Store:
             "message": str(error).strip().splitlines()[0][:500] if str(error).strip() else repr(error),
             "attempts": int(previous.get("attempts", 0)) + 1, "failed_at": now_iso(),
         }
-        self.write_json(rel, record)
+        try:
+            self.write_json(rel, record)
+        except OSError as e:  # a full or read-only disk must not stop the batch: the caller says so instead
+            record["not_recorded"] = e.strerror or str(e)
         return record
 
     def failures(self, stage: str, version: str | None = None) -> list[dict]:
@@ -254,23 +284,11 @@ class Store:
             yield
             return
         path = self.abs(f"locks/{check_name(name, 'lock name')}.lock")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        owner = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "t": time.time()})
         deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                os.write(fd, owner.encode())
-                os.close(fd)
-                break
-            except FileExistsError:
-                stale = self._stale_lock_content(path)
-                if stale is not None:
-                    self._break_lock(path, stale)
-                    continue
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{path}: lock held by another process for over {timeout_s:.0f} s")
-                time.sleep(0.02)
+        while not self._take(path, self.LOCK_STALE_S):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{path}: lock held by another process for over {timeout_s:.0f} s")
+            time.sleep(0.02)
         try:
             yield
         finally:
@@ -279,7 +297,39 @@ class Store:
             except FileNotFoundError:
                 pass
 
-    def _stale_lock_content(self, path: str) -> bytes | None:
+    def claim(self, stage: str, version: str, unit: str) -> bool:
+        """Claim a unit for this process (local roots): False while another live process holds it. Claims
+        of a dead process on this host are taken over; on another host, after CLAIM_STALE_S."""
+        if not self.local:
+            return True
+        return self._take(self.abs(self._unit_rel("claims", stage, version, unit)), self.CLAIM_STALE_S)
+
+    def release(self, stage: str, version: str, unit: str) -> None:
+        if self.local:
+            try:
+                os.remove(self.abs(self._unit_rel("claims", stage, version, unit)))
+            except FileNotFoundError:
+                pass
+
+    def _take(self, path: str, stale_s: float) -> bool:
+        """Create `path` exclusively with this process as its owner; break it first if its owner is gone."""
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        owner = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "t": time.time()}).encode()
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                stale = self._stale_lock_content(path, stale_s)
+                if stale is None:
+                    return False
+                self._break_lock(path, stale)
+                continue
+            os.write(fd, owner)
+            os.close(fd)
+            return True
+        return False
+
+    def _stale_lock_content(self, path: str, stale_s: float) -> bytes | None:
         """The lock file's content if its owner is gone, else None."""
         try:
             with open(path, "rb") as f:
@@ -299,7 +349,7 @@ class Store:
                 alive = True
             if not alive:
                 return content
-        return content if time.time() - float(info.get("t", 0)) > self.LOCK_STALE_S else None
+        return content if time.time() - float(info.get("t", 0)) > stale_s else None
 
     @staticmethod
     def _break_lock(path: str, stale: bytes) -> None:

@@ -13,7 +13,7 @@ REGISTRY = "videos.parquet"
 
 VIDEO_SCHEMA = pa.schema([
     ("video_id", pa.string()), ("uri", pa.string()), ("content_id", pa.string()),
-    ("size_bytes", pa.int64()), ("duration_s", pa.float64()), ("fps", pa.float64()),
+    ("size_bytes", pa.int64()), ("mtime_ns", pa.int64()), ("duration_s", pa.float64()), ("fps", pa.float64()),
     ("width", pa.int32()), ("height", pa.int32()), ("frames", pa.int64()),
     ("codec", pa.string()), ("status", pa.string()), ("error", pa.string()),
     ("ingested_at", pa.string()),
@@ -36,12 +36,20 @@ CAPTION_SCHEMA = pa.schema([
 
 def read_videos(store: Store, status: str | None = "ok") -> list[dict]:
     """Registered videos (only readable ones by default), sorted by id."""
-    table = store.read_table(REGISTRY)
+    table = _registry(store)
     if table is None:
         return []
     if status is not None:
         table = table.filter(pc.equal(table["status"], status))
     return sorted(table.to_pylist(), key=lambda r: r["video_id"])
+
+
+def _registry(store: Store) -> pa.Table | None:
+    """The registry in today's schema (older registries have no mtime_ns: null)."""
+    table = store.read_table(REGISTRY)
+    if table is not None and "mtime_ns" not in table.column_names:
+        table = table.append_column("mtime_ns", pa.nulls(table.num_rows, pa.int64()))
+    return None if table is None else table.select(VIDEO_SCHEMA.names).cast(VIDEO_SCHEMA)
 
 
 def register_videos(store: Store, rows: list[dict]) -> dict[str, int]:
@@ -58,7 +66,7 @@ def register_videos(store: Store, rows: list[dict]) -> dict[str, int]:
     for r in rows:
         check_name(r["video_id"], "video id")
     with store.lock("registry"):
-        current = {r["video_id"]: r for r in (store.read_table(REGISTRY) or VIDEO_SCHEMA.empty_table()).to_pylist()}
+        current = {r["video_id"]: r for r in (_registry(store) or VIDEO_SCHEMA.empty_table()).to_pylist()}
         for row in rows:
             row = {name: row.get(name) for name in VIDEO_SCHEMA.names}
             old = current.get(row["video_id"])

@@ -58,6 +58,22 @@ def bad_and_good_videos(tmp_path) -> Path:
     return folder
 
 
+def write_audio_only(path: Path) -> Path:
+    """An mp4 with one AAC stream and no video."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=16000)
+        stream.layout = "mono"
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        for i in range(10):
+            frame.pts = i * 1024
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return path
+
+
 def run_cli(*args: str, check: bool = False, cwd=REPO) -> subprocess.CompletedProcess:
     """Run `recap ...` in a fresh interpreter, as a user would."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -45,8 +45,11 @@ class Exploit:
 def test_metadata_pickles_are_never_trusted(tmp_path):
     with open(tmp_path / "clips_train.pkl", "wb") as f:
         pickle.dump([("v", 0.0, 4.0, Exploit())], f)
-    with pytest.raises(pickle.UnpicklingError, match="refusing to unpickle"):
+    with pytest.raises(ValueError, match=r"clips_train.pkl: refusing to unpickle posix.system"):
         read_hcap(tmp_path)
+    proc = run_cli("ingest", "ego4d-hcap", str(tmp_path), "--videos", str(tmp_path), "--store", str(tmp_path / "s"))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "refusing to unpickle" in proc.stderr
+    assert "pwned" not in proc.stdout + proc.stderr
 
 
 def test_missing_metadata_is_a_clear_error(tmp_path):

@@ -4,7 +4,7 @@ from pipeline.ingest import ingest
 from stages.ingest import BadVideo, probe_video
 from store import read_videos
 
-from conftest import run_cli, write_video
+from conftest import run_cli, write_audio_only, write_video
 
 
 def test_probe_reads_real_stream_facts(tmp_path):
@@ -16,15 +16,22 @@ def test_probe_reads_real_stream_facts(tmp_path):
 
 
 @pytest.mark.parametrize("name,problem", [
-    ("corrupt.mp4", "not a readable video"), ("truncated.mp4", "truncated"), ("empty.mp4", "empty file"),
-    ("notes.mp4", "not a readable video"), ("missing.mp4", "file not found"),
+    ("corrupt.mp4", "truncated: the file ends before the index (moov atom)"),
+    ("truncated.mp4", "truncated: the file ends before the index (moov atom)"), ("empty.mp4", "empty file (0 bytes)"),
+    ("notes.mp4", "not a video file (no container format recognised)"), ("missing.mp4", "file not found"),
+    ("audio.mp4", "no video stream (audio only)"), ("folder.mp4", "a folder, not a video file"),
+    ("loop.mp4", "symbolic link loop"), ("dangling.mp4", "broken symbolic link"),
 ])
 def test_bad_files_get_one_line_errors_naming_the_file(bad_and_good_videos, name, problem):
+    write_audio_only(bad_and_good_videos / "audio.mp4")
+    (bad_and_good_videos / "folder.mp4").mkdir()
+    (bad_and_good_videos / "loop.mp4").symlink_to(bad_and_good_videos / "loop.mp4")
+    (bad_and_good_videos / "dangling.mp4").symlink_to(bad_and_good_videos / "gone.mp4")
     path = bad_and_good_videos / name
     with pytest.raises(BadVideo) as info:
         probe_video(str(path))
     message = str(info.value)
-    assert message.startswith(str(path)) and problem in message and "\n" not in message
+    assert message == f"{path}: {problem}"
 
 
 def test_ingest_registers_good_files_and_records_bad_ones(store, bad_and_good_videos):
@@ -82,3 +89,60 @@ def test_cli_ingest_and_status(tmp_path, bad_and_good_videos):
     assert "ingest: 4 failed" in status and "empty file (0 bytes)" in status  # the first messages
     missing = run_cli("ingest", str(tmp_path / "nowhere"), "--store", root)
     assert missing.returncode == 2 and "nowhere" in missing.stderr
+
+
+def test_a_folder_scan_reports_what_is_not_a_video_and_keeps_unicode_names(store, bad_and_good_videos):
+    write_audio_only(bad_and_good_videos / "audio.mp4")
+    (bad_and_good_videos / "folder.mp4").mkdir()
+    (bad_and_good_videos / "loop.mp4").symlink_to(bad_and_good_videos / "loop.mp4")
+    write_video(bad_and_good_videos / "vidéo ünï.mp4", seconds=2)
+    summary = ingest(store, [str(bad_and_good_videos)])
+    messages = sorted(f["message"] for f in store.failures("ingest"))
+    assert summary.done == 3 and summary.failed == 7, messages
+    assert any(m.endswith("folder.mp4: a folder, not a video file") for m in messages)
+    assert any(m.endswith("loop.mp4: symbolic link loop") for m in messages)
+    assert any(m.endswith("audio.mp4: no video stream (audio only)") for m in messages)
+    assert any(v["uri"].endswith("vidéo ünï.mp4") for v in read_videos(store))
+
+
+def test_a_change_in_the_middle_of_a_file_gives_a_new_content_id(store, tmp_path):
+    """4 KB changed in the middle of a 3-MiB file, same size: the old id (size + first and last MiB) missed it."""
+    import struct
+
+    from store import sampled_digest
+    import fsspec
+
+    path = write_video(tmp_path / "v" / "clip.mp4", seconds=3)
+    with open(path, "ab") as f:  # a `free` box that players skip, so the middle of the file is not the video
+        f.write(struct.pack(">I", 8 + (3 << 20)) + b"free" + bytes(3 << 20))
+    ingest(store, [str(path)])
+    before = read_videos(store)[0]
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    old_sampled = sampled_digest(fsspec.filesystem("file"), str(path))
+    data[middle:middle + 4096] = b"\xff" * 4096
+    path.write_bytes(bytes(data))
+    assert sampled_digest(fsspec.filesystem("file"), str(path)) == old_sampled  # what the old id saw
+    summary = ingest(store, [str(path)])
+    after = read_videos(store)[0]
+    assert summary.done == 1 and after["size_bytes"] == before["size_bytes"]
+    assert after["content_id"] != before["content_id"]
+    assert ingest(store, [str(path)]).skipped == 1  # unchanged since: not re-read, same id
+
+
+def test_a_registry_from_before_full_hashing_keeps_its_ids_for_unchanged_files(store, tmp_path):
+    import fsspec
+    import pyarrow as pa
+
+    from store import sampled_digest
+
+    path = write_video(tmp_path / "v" / "clip.mp4", seconds=3)
+    ingest(store, [str(path)])
+    old = read_videos(store)[0]
+    old_id = sampled_digest(fsspec.filesystem("file"), str(path))
+    row = {**{k: v for k, v in old.items() if k != "mtime_ns"}, "content_id": old_id}
+    store.write_table("videos.parquet", pa.Table.from_pylist([row]))  # the old schema: no mtime_ns
+    assert read_videos(store)[0]["mtime_ns"] is None
+    ingest(store, [str(path)])
+    assert read_videos(store)[0]["content_id"] == old_id  # same file, same id: its outputs stand
+    assert read_videos(store)[0]["mtime_ns"] == old["mtime_ns"]
