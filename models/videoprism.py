@@ -22,6 +22,9 @@ from pathlib import Path
 
 import torch
 from transformers import VideoPrismVisionConfig, VideoPrismVisionModel
+from transformers.utils import logging as hf_logging
+
+hf_logging.disable_progress_bar()  # its bars would interleave with our progress lines
 
 # On the 0-255 scale, i.e. x / 255.
 MEAN = (0.0, 0.0, 0.0)

@@ -61,9 +61,12 @@ class Store:
         """Raise the OSError a write would (a read-only or full disk, no permission) before any work starts."""
         if self.local:
             probe = os.path.join(self.path, f".write-test-{os.getpid()}")
-            with open(probe, "wb"):
-                pass
-            os.remove(probe)
+            try:
+                with open(probe, "wb"):
+                    pass
+                os.remove(probe)
+            except OSError as e:
+                raise OSError(e.errno, f"{e.strerror}: the store cannot be written", self.root) from None
 
     def __repr__(self) -> str:
         return f"Store({self.root!r})"
