@@ -36,8 +36,8 @@ def _done(stderr: str, stage: str) -> int:
     return int(re.search(rf"\[{stage}\] done (\d+),", stderr).group(1))
 
 
-@pytest.mark.parametrize("attempt", range(2))
-def test_two_runs_at_once_finish_and_do_each_unit_once(ingested, tmp_path, attempt):
+def test_two_runs_at_once_finish_and_do_each_unit_once(ingested, tmp_path):
+    """One try here; `bench/concurrent_runs.py` makes ten per stage."""
     store = Store(shutil.copytree(ingested, tmp_path / "s"))
     units = len(features_stage(load_config(features={"encoder": "tsf-tiny"})).plan(store))
     runs = [_popen(*FEATURES, "--store", store.root) for _ in range(2)]
