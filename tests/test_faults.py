@@ -1,5 +1,5 @@
 """Faults, with real files and real processes: two runs on one store, a full disk, a read-only store,
-and a VideoPrism checkpoint folder."""
+a VideoPrism checkpoint folder, temporaries of killed runs, a Ray worker killed in each caption stage."""
 
 import re
 import shutil
@@ -12,7 +12,7 @@ import pytest
 from pipeline.config import load_config
 from pipeline.dag import features_stage
 from pipeline.ingest import ingest_hcap
-from store import FeatureSet, Store
+from store import FeatureSet, Store, read_captions
 
 from _checkpoints import tiny_checkpoint
 from conftest import REPO, run_cli
@@ -146,3 +146,41 @@ def test_old_temporaries_of_killed_runs_are_removed_and_fresh_ones_kept(ingested
     run_cli(*FEATURES, "--store", store.root, check=True)
     assert not os.path.exists(old) and not os.path.exists(marker)
     assert os.path.exists(fresh)  # could be a live writer's
+
+
+def _kill_one_worker(proc: subprocess.Popen, deadline_s: float = 300.0) -> bool:
+    """SIGKILL the first Ray stage worker (`ray::StageWorker`) that shows up while `proc` runs."""
+    import time
+
+    import psutil
+
+    end = time.monotonic() + deadline_s
+    while proc.poll() is None and time.monotonic() < end:
+        for p in psutil.process_iter(["cmdline"]):
+            if any("StageWorker" in part for part in (p.info["cmdline"] or [])):
+                p.kill()
+                return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_worker_killed_in_each_caption_stage_is_retried_to_the_same_tables(ingested, tmp_path):
+    ray_store = Store(shutil.copytree(ingested, tmp_path / "ray"))
+    run_cli(*FEATURES, "--store", ray_store.root, check=True)
+    local_store = Store(shutil.copytree(ray_store.root, tmp_path / "local"))
+    settings = "[windows]\nsegment_s = 24.0\n[captions]\n" + "".join(
+        f'{level}_checkpoint = "{tiny_checkpoint(tmp_path / level, level)}"\n' for level in ("clip", "segment", "video"))
+    for store in (ray_store, local_store):
+        with open(f"{store.root}/recap.toml", "a") as f:
+            f.write(settings)
+    for stage, level in (("captions", "clip"), ("segments", "segment"), ("summaries", "video")):
+        run = _popen(stage, "--store", ray_store.root, "--workers", "2")
+        assert _kill_one_worker(run), f"no {stage} worker seen"
+        _, err = run.communicate(timeout=600)
+        assert run.returncode == 0 and _done(err, stage) == 6, err[-2000:]
+        run_cli(stage, "--store", local_store.root, "--local", check=True)
+        [version] = ray_store.listdir(f"captions/{level}")
+        assert version in local_store.listdir(f"captions/{level}")
+        rows = [read_captions(s, level, version).sort_by([("video_id", "ascending"), ("start_s", "ascending")])
+                .to_pylist() for s in (ray_store, local_store)]
+        assert rows[0] == rows[1]
