@@ -228,10 +228,9 @@ def settle(store: str | None = None, path: str | os.PathLike | None = None, *, r
     before, after = flatten(remembered), flatten(config)
     changed = [k for k in after if after[k] != before[k]]
     if record and (changed or not fs.isfile(settings)) and after != flatten(Config()):
-        fs.makedirs(settings.rsplit("/", 1)[0], exist_ok=True)
-        tmp = f"{settings}.tmp-{os.getpid()}"
-        fs.pipe_file(tmp, to_toml(config).encode())
-        fs.mv(tmp, settings)
+        from store import Store
+
+        Store(root).write_bytes(SETTINGS_FILE, to_toml(config).encode())  # the store's atomic write
         what = ", ".join(f"{k} {before[k]!r} -> {after[k]!r}" for k in changed) or "first settings"
         print(f"[config] {root}/{SETTINGS_FILE}: {what}", file=stream or sys.stderr)
     return config
