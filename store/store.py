@@ -118,11 +118,11 @@ class Store:
         for path in self.fs.glob(f"{self.abs(folder)}/.tmp-*"):
             try:
                 age = time.time() - self.fs.modified(path).timestamp()
-            except (OSError, NotImplementedError):
-                age = float("inf")
-            if age >= older_than_s:
-                self.fs.rm(path, recursive=True)
-                removed += 1
+                if age >= older_than_s:
+                    self.fs.rm(path, recursive=True)
+                    removed += 1
+            except FileNotFoundError:  # its writer renamed it into place meanwhile: not debris
+                continue
         return removed
 
     def write_bytes(self, rel: str, data: bytes) -> None:
