@@ -12,6 +12,7 @@ from pipeline.ingest import ingest as ingest_videos
 from pipeline.ingest import ingest_hcap
 from pipeline.progress import Summary
 from pipeline.status import failure_lines, format_status, status_rows
+from stages.base import SetupFailed
 from store import Store
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -129,7 +130,7 @@ def _run(build, cfg, st: Store, retry_failed: bool, local: bool):
         summary = run_stage(stage, st, executor="local" if local else cfg.run.executor, workers=cfg.run.workers,
                             address=cfg.run.address or None, retry_failed=retry_failed,
                             max_retries=cfg.run.max_retries)
-    except (ValueError, FileNotFoundError) as e:  # settings, or the stage's check(): a bad checkpoint
+    except (ValueError, FileNotFoundError, SetupFailed) as e:  # settings, the stage's check() or setup
         _fail(str(e))
     _exit_for(summary)
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 import traceback
+from collections import Counter, deque
 
 from pipeline.progress import Progress, Summary
-from stages.base import Blocked, Stage, Unit
+from stages.base import Blocked, SetupFailed, Stage, Unit
 from store import Store
 
 MAX_FAILURE_LINES = 10  # per run; every failure still gets its record
@@ -147,6 +149,12 @@ def _run_local(stage: Stage, store: Store, units: list[Unit]):
 
 
 def _run_ray(stage: Stage, store: Store, units: list[Unit], workers: int, max_retries: int, address: str | None):
+    """Units on a pool of actors, two in flight per actor (one running, one queued).
+
+    Retries are the driver's, not Ray's: when an actor dies, only the unit it was running (its oldest task still in
+    flight; an actor runs its tasks in order) is charged a death, and the unit queued behind it goes back to the queue
+    uncharged. A unit fails after `max_retries + 1` deaths; a replacement actor takes the dead one's place.
+    """
     import ray
 
     from pipeline.ray_workers import StageWorker, ensure_ray
@@ -156,38 +164,79 @@ def _run_ray(stage: Stage, store: Store, units: list[Unit], workers: int, max_re
     if workers <= 0:
         cpus = ray.cluster_resources().get("CPU", 1)
         workers = max(1, int(cpus // max(res.cpus, 1e-3)))
-    workers = min(workers, len(units))
     actor_cls = ray.remote(StageWorker).options(
         num_cpus=res.cpus, num_gpus=res.gpus, memory=int(res.memory_gb * 2**30) if res.memory_gb else None,
-        max_restarts=max_retries, max_task_retries=max_retries)
-    actors = [actor_cls.remote(stage) for _ in range(workers)]
-    queue = list(reversed(units))
-    in_flight = {}
-    per_actor = 2  # one running, one queued: keeps workers busy without piling up memory
+        max_restarts=0, max_task_retries=0)
+    queue = deque(units)
+    deaths: Counter[str] = Counter()
+    lanes: dict[object, list] = {}  # actor -> its refs in flight, oldest first
+    owner = {}  # ref -> (unit, actor)
+    per_actor = 2
 
-    def submit(actor):
-        unit = queue.pop()
-        in_flight[actor.process.remote(unit, store)] = (unit, actor)
+    def start_actor():
+        actor = actor_cls.remote(stage)
+        lanes[actor] = []
+        fill(actor)
 
-    for actor in actors:
-        for _ in range(per_actor):
-            if queue:
-                submit(actor)
+    def fill(actor):
+        while queue and len(lanes[actor]) < per_actor:
+            unit = queue.popleft()
+            ref = actor.process.remote(unit, store)
+            lanes[actor].append(ref)
+            owner[ref] = (unit, actor)
+
+    for _ in range(min(workers, len(units))):
+        start_actor()
     try:
-        while in_flight:
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
-            unit, actor = in_flight.pop(ready[0])
+        while owner:
+            [ready], _ = ray.wait(list(owner), num_returns=1)
+            actor = owner[ready][1]
             try:
-                ray.get(ready[0])
-                yield unit, None
+                ray.get(ready)
+                lanes[actor].remove(ready)
+                yield owner.pop(ready)[0], None
             except ray.exceptions.RayTaskError as e:
-                yield unit, e.cause if isinstance(e.cause, BaseException) else e
+                lanes[actor].remove(ready)
+                yield owner.pop(ready)[0], e.cause if isinstance(e.cause, BaseException) else e
             except ray.exceptions.RayActorError as e:
-                yield unit, RuntimeError(f"worker died {max_retries + 1} times on this unit ({type(e).__name__})")
-                actor = actor_cls.remote(stage)  # the old one used up its restarts
-                actors.append(actor)
-            if queue:
-                submit(actor)
+                if e.actor_init_failed:
+                    raise SetupFailed(f"{stage.name}: a Ray worker could not set the stage up: "
+                                       f"{_last_error_line(e.error_msg)}") from None
+                yield from _after_death(actor, lanes, owner, queue, deaths, max_retries)
+                start_actor()
+                continue
+            fill(actor)
     finally:
-        for actor in actors:
+        for actor in lanes:
             ray.kill(actor)
+
+
+def _after_death(actor, lanes: dict, owner: dict, queue: deque, deaths: Counter, max_retries: int):
+    """Settle a dead actor's refs in submission order: finished ones count, the running one is charged a death."""
+    import ray
+
+    charged = False
+    for ref in lanes.pop(actor):
+        unit, _ = owner.pop(ref)
+        try:
+            ray.get(ref)
+            yield unit, None
+            continue
+        except ray.exceptions.RayTaskError as e:
+            yield unit, e.cause if isinstance(e.cause, BaseException) else e
+            continue
+        except ray.exceptions.RayActorError:
+            pass
+        if not charged:
+            charged = True
+            deaths[unit.id] += 1
+            if deaths[unit.id] > max_retries:
+                yield unit, RuntimeError(f"its worker process died {deaths[unit.id]} time(s) while running it")
+                continue
+        queue.appendleft(unit)
+
+
+def _last_error_line(message: str) -> str:
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception): ", line)]
+    return (errors or lines or ["unknown error"])[-1]

@@ -33,6 +33,10 @@ class Unit:
     payload: dict = field(default_factory=dict, compare=False, hash=False)
 
 
+class SetupFailed(RuntimeError):
+    """A stage could not be set up where it runs (e.g. on a Ray worker): no unit can run, so the run stops."""
+
+
 @dataclass(frozen=True)
 class Blocked:
     """A unit that cannot run yet because an input is missing."""

@@ -10,8 +10,9 @@ class DiesOnceStage(Stage):
     name = "dies-once"
     resources = Resources(cpus=0.5, memory_gb=0)
 
-    def __init__(self, scratch: str, n: int):
+    def __init__(self, scratch: str, n: int, dying: tuple[str, ...] | None = None):
         self.scratch, self.n = Path(scratch), n
+        self.dying = dying  # the units whose first attempt kills the worker; None: all
 
     def version(self) -> str:
         return "v1"
@@ -21,8 +22,15 @@ class DiesOnceStage(Stage):
 
     def process(self, unit, store):
         attempt = self.scratch / f"{unit.id}.attempted"
-        if not attempt.exists():
+        if not attempt.exists() and (self.dying is None or unit.id in self.dying):
             attempt.touch()
             os._exit(1)  # the worker process dies mid-task
         store.commit(self.name, "v1", unit.id, "fp", {}, {"pid": os.getpid()})
         return {}
+
+
+class SetupFailsStage(DiesOnceStage):
+    name = "setup-fails"
+
+    def setup(self):
+        raise OSError("checkpoint /nowhere/model.pt: not found")

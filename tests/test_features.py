@@ -13,6 +13,7 @@ import pytest
 from pipeline.config import load_config
 from pipeline.ingest import ingest
 from pipeline.runner import run_stage
+from stages.base import SetupFailed
 from stages.decode import WindowReader, frame_indices, sample_times, window_times
 from pipeline.dag import features_stage
 from stages.features import FeaturesStage
@@ -218,6 +219,23 @@ def test_ray_retries_a_task_whose_worker_dies(ray_local, tmp_path, store):
     summary = run_stage(stage, store, executor="ray", workers=2, max_retries=2)
     assert (summary.done, summary.failed) == (3, 0)
     assert all((tmp_path / f"u{i}.attempted").exists() for i in range(3))  # each died once, then succeeded
+
+
+def test_without_retries_only_the_unit_a_worker_died_on_fails(ray_local, tmp_path, store):
+    from _dying_stage import DiesOnceStage
+
+    stage = DiesOnceStage(str(tmp_path), n=3, dying=("u0",))
+    summary = run_stage(stage, store, executor="ray", workers=1, max_retries=0)
+    assert (summary.done, summary.failed) == (2, 1)  # u1, queued behind u0 on the same worker, is not charged
+    [failure] = summary.failures
+    assert failure["unit"] == "u0" and "worker process died 1 time(s)" in failure["message"]
+
+
+def test_a_stage_whose_setup_fails_on_ray_stops_with_its_error(ray_local, tmp_path, store):
+    from _dying_stage import SetupFailsStage
+
+    with pytest.raises(SetupFailed, match=r"could not set the stage up: OSError: checkpoint /nowhere/model.pt"):
+        run_stage(SetupFailsStage(str(tmp_path), n=2), store, executor="ray", workers=1)
 
 
 def rotate_90_in_container(path):
