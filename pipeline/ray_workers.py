@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 
 from stages.base import Stage, Unit
 from store import Store
@@ -15,8 +17,16 @@ def ensure_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    ray.init(address=address, include_dashboard=False, log_to_driver=True, logging_level="WARNING",
-             configure_logging=True)
+    print(f"[ray] connecting to {address}" if address else "[ray] starting a local instance", file=sys.stderr,
+          flush=True)
+    # Workers' output and Ray's own warnings go to the session's log files, not between our lines: a unit's
+    # error comes back to the driver and into its failure record anyway.
+    context = ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
+                       configure_logging=True)
+    logs = getattr(context, "address_info", {}).get("session_dir")
+    print(f"[ray] ready: {int(ray.cluster_resources().get('CPU', 0))} CPUs, "
+          f"{int(ray.cluster_resources().get('GPU', 0))} GPUs" + (f"; logs in {logs}/logs" if logs else ""),
+          file=sys.stderr, flush=True)
 
 
 class StageWorker:
