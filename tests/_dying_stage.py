@@ -34,3 +34,14 @@ class SetupFailsStage(DiesOnceStage):
 
     def setup(self):
         raise OSError("checkpoint /nowhere/model.pt: not found")
+
+
+class WritesStage(DiesOnceStage):
+    """Each unit stages a 4 KiB file and commits it (for the full-disk test on an fsspec root)."""
+
+    name = "writes"
+
+    def process(self, unit, store):
+        store.write_bytes(f"out/.tmp-{unit.id}", bytes(4096))
+        store.commit(self.name, "v1", unit.id, "fp", {f"out/{unit.id}.bin": f"out/.tmp-{unit.id}"})
+        return {}

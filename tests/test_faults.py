@@ -1,17 +1,24 @@
-"""Faults, with real files and real processes: two runs on one store, a full disk, a read-only store,
-a VideoPrism checkpoint folder, temporaries of killed runs, a Ray worker killed in each caption stage."""
+"""Faults, with real files and real processes: two runs on one store, a full disk (a tmpfs where the machine
+lets us mount one; an fsspec filesystem with a byte budget everywhere), a read-only store, a VideoPrism checkpoint
+folder, temporaries of killed runs, a Ray worker killed in each caption stage."""
 
+import errno
+import io
+import os
 import re
 import shutil
 import subprocess
 import sys
 
+import fsspec
 import numpy as np
 import pytest
+from fsspec.implementations.memory import MemoryFileSystem
 
 from pipeline.config import load_config
 from pipeline.dag import features_stage
 from pipeline.ingest import ingest_hcap
+from pipeline.runner import run_stage
 from store import FeatureSet, Store, read_captions
 
 from _checkpoints import tiny_checkpoint
@@ -86,8 +93,6 @@ def tmpfs(tmp_path):
 
 
 def test_a_full_disk_fails_units_one_line_each_and_the_batch_goes_on(ingested, tmpfs):
-    import os
-
     root = tmpfs("2m")
     shutil.copytree(ingested, f"{root}/store")
     free = os.statvfs(root).f_bavail * os.statvfs(root).f_frsize
@@ -100,6 +105,49 @@ def test_a_full_disk_fails_units_one_line_each_and_the_batch_goes_on(ingested, t
     assert "Traceback" not in proc.stderr and f"failed {len(failed)}" in proc.stderr
     assert _done(proc.stderr, "features") + len(failed) == 6  # every unit was tried
     assert not [p for p in Store(f"{root}/store").fs.find(f"{root}/store") if "/.tmp-" in p]
+
+
+class FullMemoryFileSystem(MemoryFileSystem):
+    """fsspec's memory filesystem with a byte budget: a write past it raises ENOSPC, as a full disk does.
+    The full-disk fault for machines that cannot mount a tmpfs; it takes the store's object-store branch."""
+
+    protocol = "fullmem"
+    bytes_left = 0
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(path.removeprefix("fullmem://"))
+
+    def _open(self, path, mode="rb", **kwargs):
+        f = super()._open(path, mode, **kwargs)
+        if "r" not in mode:
+            write = f.write
+
+            def limited(data):
+                if len(data) > FullMemoryFileSystem.bytes_left:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+                FullMemoryFileSystem.bytes_left -= len(data)
+                return write(data)
+
+            f.write = limited
+        return f
+
+
+def test_a_full_fsspec_store_fails_units_one_line_each_and_the_batch_goes_on(tmp_path):
+    from _dying_stage import WritesStage
+
+    fsspec.register_implementation("fullmem", FullMemoryFileSystem, clobber=True)
+    store = Store(f"fullmem://full-{tmp_path.name}")
+    FullMemoryFileSystem.bytes_left = 3 * 4096 + 1200  # three units' files and markers, one failure record
+    lines = io.StringIO()
+    summary = run_stage(WritesStage(str(tmp_path), n=6), store, executor="local", stream=lines)
+    failed = [line for line in lines.getvalue().splitlines() if ": FAILED " in line]
+    assert summary.done >= 1 and summary.done + summary.failed == 6  # every unit was tried
+    assert len(failed) == summary.failed and all("No space left on device" in line for line in failed)
+    recorded = {f["unit"] for f in store.failures("writes", "v1")}
+    assert recorded and len(recorded) < len(failed)  # until the disk had no room left for them either:
+    assert all(("no failure record" in line) != (line.split()[1][:-1] in recorded) for line in failed)
+    assert not [p for p in store.fs.find(store.path) if "/.tmp-" in p]
 
 
 def test_a_read_only_store_is_a_one_line_error(ingested, tiny_corpus, tmpfs, tmp_path):
