@@ -64,6 +64,11 @@ def ingest(store: Store, sources: list[str], threads: int = 4, stream=sys.stderr
                 summary.failures.append(record)
                 print(f"[{STAGE}] FAILED {record['message']}", file=stream)
             progress.advance(1)
+    for row in rows:
+        old = registered.get(row["video_id"])
+        if old and old["content_id"] and old["content_id"] != row["content_id"]:
+            print(f"[{STAGE}] {row['uri']}: content changed since it was registered; later stages will redo "
+                  f"{row['video_id']} (earlier outputs are kept under superseded/)", file=stream)
     counts = register_videos(store, rows)
     for row in rows:
         store.remove(f"failures/{STAGE}/{VERSION}/{row['video_id']}.json")

@@ -123,8 +123,12 @@ def test_a_change_in_the_middle_of_a_file_gives_a_new_content_id(store, tmp_path
     data[middle:middle + 4096] = b"\xff" * 4096
     path.write_bytes(bytes(data))
     assert sampled_digest(fsspec.filesystem("file"), str(path)) == old_sampled  # what the old id saw
-    summary = ingest(store, [str(path)])
+    import io
+
+    said = io.StringIO()
+    summary = ingest(store, [str(path)], stream=said)
     after = read_videos(store)[0]
+    assert f"{path}: content changed since it was registered" in said.getvalue()
     assert summary.done == 1 and after["size_bytes"] == before["size_bytes"]
     assert after["content_id"] != before["content_id"]
     assert ingest(store, [str(path)]).skipped == 1  # unchanged since: not re-read, same id
