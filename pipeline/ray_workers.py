@@ -19,9 +19,9 @@ def ensure_ray(address: str | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS") or None
     print(f"[ray] connecting to {address}" if address else "[ray] starting a local instance", file=sys.stderr,
           flush=True)
-    # Workers' output and Ray's own warnings go to the session's log files, not between our lines: a unit's
-    # error comes back to the driver and into its failure record anyway.
-    context = ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
+    # Ray's own start-up warnings go to the session's log files, not between our lines; what workers print
+    # (model loading, training progress) still reaches this terminal.
+    context = ray.init(address=address, include_dashboard=False, log_to_driver=True, logging_level=logging.ERROR,
                        configure_logging=True)
     logs = getattr(context, "address_info", {}).get("session_dir")
     print(f"[ray] ready: {int(ray.cluster_resources().get('CPU', 0))} CPUs, "

@@ -51,9 +51,10 @@ class TrainResult:
 
 
 def train(config: Config, store: Store, level: str, *, init_from: str | None = None,
-          lower_versions: Sequence[str] = (), stream=sys.stderr) -> TrainResult:
+          lower_versions: Sequence[str] = (), stream=None) -> TrainResult:
     """Train `level` (clip | segment | video | unified) as `config.train` says; `lower_versions` names the
     predicted caption versions to read when there are several."""
+    stream = sys.stderr if stream is None else stream  # at the call: --log-file replaces it
     start = time.monotonic()
     settings = replace(config.train, epochs=config.train.epochs or LEVEL.get(level, LEVEL["video"]).epochs)
     _check_arguments(settings, store, level, init_from)
@@ -84,7 +85,8 @@ def train(config: Config, store: Store, level: str, *, init_from: str | None = N
             store=store.root, level=level, run_dir=run_dir, features=features.version(), settings=settings,
             model=model.to_dict(), init_from=init_from, train=targets["train"], val=targets["val"], lower=lower,
             num_feat={lvl: RecapConfig.preset(lvl, settings.size).num_video_feat for lvl in levels if lvl != "clip"})
-        _run_workers(plan, settings.workers, config.run.address or None, stream)
+        run_workers(train_worker, plan, settings.workers, config.run.address or None, stream,
+                    name=f"recap-train-{run_dir.replace('/', '-')}")
     else:
         print(f"[train {level}] already trained: {store.abs(final)}; nothing to do", file=stream)
     if latest_checkpoint(store, level) != store.abs(final):
@@ -201,9 +203,10 @@ def _run_tokenizer(store: Store, run_dir: str, settings, init_from: str | None) 
     return tokenizer
 
 
-def _run_workers(plan: TrainPlan, workers: int, address: str | None, stream) -> None:
+def run_workers(worker, plan, workers: int, address: str | None, stream, name: str) -> None:
+    """`worker(plan, stream)` in this process (workers <= 1), or on that many Ray Train workers (DDP)."""
     if workers <= 1:
-        train_worker(plan, stream)
+        worker(plan, stream)
         return
     import ray
     import ray.train
@@ -213,10 +216,10 @@ def _run_workers(plan: TrainPlan, workers: int, address: str | None, stream) -> 
 
     ensure_ray(address)
     trainer = TorchTrainer(
-        _ray_train_loop, train_loop_config={"plan": plan},
+        _ray_train_loop, train_loop_config={"worker": worker, "plan": plan},
         scaling_config=ray.train.ScalingConfig(num_workers=workers,
                                                use_gpu=ray.cluster_resources().get("GPU", 0) >= workers),
-        run_config=ray.train.RunConfig(name=f"recap-train-{plan.run_dir.replace('/', '-')}"))
+        run_config=ray.train.RunConfig(name=name))
     try:
         trainer.fit()
     except ray.train.TrainingFailedError as e:
@@ -226,4 +229,4 @@ def _run_workers(plan: TrainPlan, workers: int, address: str | None, stream) -> 
 def _ray_train_loop(config: dict) -> None:
     """One Ray Train worker; Ray has set up torch.distributed (gloo on CPU, nccl on GPUs). Progress goes to
     the process's own stderr, which Ray forwards: through `sys.stderr`, Ray Train's print patch repeats it."""
-    train_worker(config["plan"], stream=sys.__stderr__)
+    config["worker"](config["plan"], stream=sys.__stderr__)

@@ -45,6 +45,19 @@ HISTORY_SCHEMA = pa.schema([("epoch", pa.int64()), ("step", pa.int64()), ("split
 
 # ---- optimisation ---------------------------------------------------------------
 
+def optimization(model: torch.nn.Module, s, steps_per_epoch: int, store: Store, run_dir: str, start: int):
+    """AdamW over `param_groups`, warm-up then cosine over the whole run, and the loss history; resumed from
+    epoch `start`'s train_state.pt when start > 0. `s` holds lr, weight_decay, epochs and warmup_frac."""
+    optimizer = torch.optim.AdamW(param_groups(model, s.weight_decay), lr=s.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps_per_epoch * s.epochs, s.warmup_frac))
+    if not start:
+        return optimizer, scheduler, []
+    state = torch.load(store.abs(f"{epoch_dir(run_dir, start)}/train_state.pt"), weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return optimizer, scheduler, state["history"]
+
+
 def param_groups(model: RecapModel, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only: not on biases, norms, gates or the learned queries."""
     decay, no_decay = [], []
@@ -163,9 +176,9 @@ def plot_curves(table: pa.Table, title: str) -> bytes:
 
 # ---- the loop -------------------------------------------------------------------
 
-def train_worker(plan: TrainPlan, stream=sys.stderr) -> None:
+def train_worker(plan: TrainPlan, stream=None) -> None:
     """Train the plan's remaining epochs on this worker (rank 0 validates, saves and reports)."""
-    Trainer(plan, stream).run()
+    Trainer(plan, sys.stderr if stream is None else stream).run()
 
 
 class Trainer:
@@ -189,16 +202,8 @@ class Trainer:
                      for split, by_level in (("train", plan.train), ("val", plan.val))}
         self.sizes = {level: len(examples) for level, examples in self.data["train"].items()}
         self.steps_per_epoch = len(epoch_batches(self.sizes, self.s.batch_size, self.s.seed, 1, self.world))
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, self.s.weight_decay), lr=self.s.lr)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_cosine(self.steps_per_epoch * self.s.epochs, self.s.warmup_frac))
-        self.history: list[dict] = []
-        if self.start:
-            state = torch.load(self.store.abs(f"{epoch_dir(plan.run_dir, self.start)}/train_state.pt"),
-                               weights_only=True)
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            self.history = state["history"]
+        self.optimizer, self.scheduler, self.history = optimization(self.model, self.s, self.steps_per_epoch,
+                                                                    self.store, plan.run_dir, self.start)
 
     def say(self, line: str) -> None:
         if self.rank == 0:
