@@ -14,7 +14,8 @@ from store import Store, read_groundtruth
 
 def evaluate_all(config: Config, store: Store, by: str | None = None, name: str | None = None,
                  stream=sys.stdout) -> pd.DataFrame | None:
-    """Scores per level and protocol, written to metrics/<name>.parquet and printed; None if nothing to score."""
+    """Scores per level and protocol, written to metrics/<name>.parquet (its path in `.attrs["path"]`) and
+    printed as a table on `stream` (None: not printed, `recap evaluate --json`); None if nothing to score."""
     split = config.evaluate.split
     levels = [s for s in build_stages(config, store)[1:]
               if read_groundtruth(store, s.level, split) is not None and store.exists(s.output_dir)]
@@ -29,6 +30,8 @@ def evaluate_all(config: Config, store: Store, by: str | None = None, name: str 
     metrics = pd.concat(frames, ignore_index=True)
     name = name or f"{split}-" + "-".join(s.version() for s in levels)
     rel = write_metrics(store, metrics, name)
-    print(format_metrics(metrics), file=stream)
+    metrics.attrs["path"] = rel
+    if stream is not None:
+        print(format_metrics(metrics), file=stream)
     print(f"[evaluate] wrote {rel}", file=sys.stderr)
     return metrics

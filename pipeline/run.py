@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from pipeline.config import Config
+from pipeline.current import publish_current
 from pipeline.dag import build_stages
 from pipeline.progress import Summary
 from pipeline.runner import run_stage, todo_units
@@ -30,7 +31,7 @@ def format_plan(rows: list[dict]) -> str:
 
 
 def run_all(config: Config, store: Store, *, dry_run: bool = False, retry_failed: bool = False,
-            local: bool = False, evaluate: bool = True, stream=sys.stderr) -> list[Summary]:
+            local: bool = False, evaluate: bool = True, stream=None) -> list[Summary]:
     stages = build_stages(config, store)
     if dry_run:
         print(format_plan(plan_rows(stages, store)), file=sys.stdout)
@@ -41,6 +42,8 @@ def run_all(config: Config, store: Store, *, dry_run: bool = False, retry_failed
         summaries.append(run_stage(stage, store, executor="local" if local else config.run.executor,
                                    workers=config.run.workers, address=config.run.address or None,
                                    retry_failed=retry_failed, max_retries=config.run.max_retries, stream=stream))
+        if stage is not stages[0]:  # a caption level: current/ gets what it committed
+            publish_current(config, store, [stage.level])
     if evaluate and any(read_groundtruth(store, s.level, config.evaluate.split) is not None for s in stages[1:]):
         from pipeline.evaluate import evaluate_all
 

@@ -37,7 +37,8 @@ def todo_units(stage: Stage, store: Store, retry_failed: bool = False):
 
 def run_stage(stage: Stage, store: Store, *, executor: str = "ray", workers: int = 0, address: str | None = None,
               retry_failed: bool = False, max_retries: int = 2, progress_every_s: float = 2.0,
-              stream=sys.stderr) -> Summary:
+              stream=None) -> Summary:
+    stream = sys.stderr if stream is None else stream  # at the call: --log-file replaces it
     start = time.monotonic()
     todo, done, failed_before, blocked = todo_units(stage, store, retry_failed)
     if executor != "ray" or todo:  # in this process: always (cheap); on Ray: only when there is work
@@ -98,19 +99,22 @@ def _run_claimed(stage: Stage, store: Store, todo: list[Unit], summary: Summary,
     progress = Progress(stage.name, len(todo), sum(u.work for u in todo), stage.work_name, stream, progress_every_s)
     results = (_run_ray(stage, store, todo, workers, max_retries, address) if executor == "ray"
                else _run_local(stage, store, todo))
-    for unit, error in results:
-        if error is None:
-            summary.done += 1
-            summary.work += unit.work
-        else:
-            record = store.record_failure(stage.name, stage.version(), unit.id, error, unit.video_id)
-            summary.failed += 1
-            summary.failures.append(record)
-            if summary.failed <= MAX_FAILURE_LINES:
-                print(f"[{stage.name}] {unit.id}: FAILED {record['error_type']}: {record['message']}"
-                      + (f" (no failure record: {record['not_recorded']})" if "not_recorded" in record else ""),
-                      file=stream)
-        progress.advance(unit.work)
+    try:
+        for unit, error in results:
+            if error is None:
+                summary.done += 1
+                summary.work += unit.work
+            else:
+                record = store.record_failure(stage.name, stage.version(), unit.id, error, unit.video_id)
+                summary.failed += 1
+                summary.failures.append(record)
+                if summary.failed <= MAX_FAILURE_LINES:
+                    progress.write(f"[{stage.name}] {unit.id}: FAILED {record['error_type']}: {record['message']}"
+                                   + (f" (no failure record: {record['not_recorded']})" if "not_recorded" in record
+                                      else ""))
+            progress.advance(unit.work)
+    finally:  # a run stopped midway (a worker that cannot set up, Ctrl-C): the bar's line ends first
+        progress.close()
 
 
 def _check_gpus(stage: Stage, executor: str, address: str | None) -> None:

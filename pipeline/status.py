@@ -50,19 +50,33 @@ def status_rows(store: Store, stages: list[Stage]) -> list[dict]:
     return rows
 
 
-def failure_lines(store: Store, rows: list[dict], first: int = 3) -> list[str]:
-    """The first failure messages of every stage version that has failures."""
-    lines = []
+def failure_groups(store: Store, rows: list[dict], first: int = 3) -> list[dict]:
+    """Per stage version with failures (and ingest): how many, and the first records (unit, error, message)."""
+    keys = ("unit", "video_id", "error_type", "message", "attempts", "failed_at")
+    groups = []
     for r in rows:
         if r["stage"] in ("ingest", "groundtruth") or not r["failed"]:
             continue
         records = store.failures(r["stage"], r["what"])
-        lines.append(f"{r['stage']} {r['what']}: {len(records)} failed")
-        lines += [f"  {f['unit']}: {f['message']}" for f in records[:first]]
+        groups.append({"stage": r["stage"], "version": r["what"], "failed": len(records),
+                       "first": [{k: f.get(k) for k in keys} for f in records[:first]]})
     ingest = store.failures("ingest")
     if ingest:
-        lines.append(f"ingest: {len(ingest)} failed")
-        lines += [f"  {f['message']}" for f in ingest[:first]]
+        groups.append({"stage": "ingest", "version": None, "failed": len(ingest),
+                       "first": [{k: f.get(k) for k in keys} for f in ingest[:first]]})
+    return groups
+
+
+def failure_lines(store: Store, rows: list[dict], first: int = 3) -> list[str]:
+    """The first failure messages of every stage version that has failures."""
+    lines = []
+    for g in failure_groups(store, rows, first):
+        if g["stage"] == "ingest":
+            lines.append(f"ingest: {g['failed']} failed")
+            lines += [f"  {f['message']}" for f in g["first"]]
+        else:
+            lines.append(f"{g['stage']} {g['version']}: {g['failed']} failed")
+            lines += [f"  {f['unit']}: {f['message']}" for f in g["first"]]
     return lines
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from store import Store
@@ -81,6 +84,15 @@ class Stage:
         import torch
 
         torch.set_num_threads(max(1, int(self.resources.cpus)))
+
+    @contextmanager
+    def loading(self, what: str):
+        """One line before `setup` loads a model and one with the time it took: to stderr, which is the
+        terminal (or --log-file) for the local executor and the worker's log file on Ray."""
+        print(f"[{self.name}] loading {what}", file=sys.stderr, flush=True)
+        start = time.monotonic()
+        yield
+        print(f"[{self.name}] model ready in {time.monotonic() - start:.1f} s", file=sys.stderr, flush=True)
 
     def process(self, unit: Unit, store: Store) -> dict:
         raise NotImplementedError

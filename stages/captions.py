@@ -126,7 +126,8 @@ class CaptionStage(Stage):
     def setup(self) -> None:
         if self.model is None:
             self.use_reserved_cpus()
-            self.model, self.tokenizer_model = load_captioner(self.checkpoint, self.tokenizer, self.device)
+            with self.loading(f"the {self.level} model from {self.checkpoint} on {self.device}"):
+                self.model, self.tokenizer_model = load_captioner(self.checkpoint, self.tokenizer, self.device)
 
     def process(self, unit: Unit, store: Store) -> dict:
         self.setup()
@@ -137,7 +138,8 @@ class CaptionStage(Stage):
             batch = examples[i:i + self.batch_size]
             for example, (text, score) in zip(batch, self.caption(batch, unit)):
                 rows.append({"video_id": unit.video_id, "level": self.level, "start_s": example.start_s,
-                             "end_s": example.end_s, "text": text, "score": score, "fingerprint": unit.fingerprint})
+                             "end_s": example.end_s, "text": text, "score": score, "fingerprint": unit.fingerprint,
+                             "version": self.version()})
         rel = captions_rel(self.level, self.version(), unit.video_id)
         tmp = store.stage_table(rel, pa.Table.from_pylist(rows, schema=CAPTION_SCHEMA))
         stats = {"rows": len(rows)}

@@ -101,7 +101,9 @@ class FeaturesStage(Stage):
 
     def setup(self) -> None:
         self.use_reserved_cpus()
-        self.encoder_model = build_encoder(self.encoder, self.checkpoint or None, self.device)
+        weights = f"from {self.checkpoint}" if self.checkpoint else "with random weights"
+        with self.loading(f"{self.encoder} {weights} on {self.device}"):
+            self.encoder_model = build_encoder(self.encoder, self.checkpoint or None, self.device)
 
     def process(self, unit: Unit, store: Store) -> dict:
         if self.encoder_model is None:

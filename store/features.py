@@ -9,6 +9,12 @@ features/<feature_set>/<video_id>/
 CLS and tokens are separate arrays, so reading a few CLS rows never touches
 token chunks. Arrays are created whole before any rows are written; work
 units then fill disjoint, chunk-aligned row ranges and each commits a marker.
+
+Arrays carry Zarr v3 `dimension_names` (FEATURE_DIMS), so `xr.open_zarr(group)`
+reads a video's group (arrays created before had none: `recap.open_store(...)
+.features(video_id)` names them either way). The group's metadata is not
+consolidated: a video's tokens/ folder may be deleted, and consolidated metadata
+would still list it.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import zarr
 
 from store.ids import check_name
 from store.store import Store
+
+FEATURE_DIMS = {"cls": ("window", "channel"), "tokens": ("window", "token", "channel"), "windows": ("window", "bound")}
 
 
 class FeatureSet:
@@ -65,13 +73,20 @@ class FeatureSet:
         group = zarr.open_group(self.store.url(tmp), mode="w")
         group.attrs.update({**(attrs or {}), "fingerprint": fingerprint, "n_windows": n, "dim": dim,
                             "num_tokens": num_tokens, "rows_per_chunk": rows_per_chunk})
-        group.create_array("windows", data=np.asarray(windows, dtype="float64"), chunks=(max(n, 1), 2))
-        group.create_array("cls", shape=(n, dim), chunks=(rows_per_chunk, dim), dtype="float16")
+        group.create_array("windows", data=np.asarray(windows, dtype="float64"), chunks=(max(n, 1), 2),
+                           dimension_names=FEATURE_DIMS["windows"])
+        group.create_array("cls", shape=(n, dim), chunks=(rows_per_chunk, dim), dtype="float16",
+                           dimension_names=FEATURE_DIMS["cls"])
         if num_tokens:
-            group.create_array("tokens", shape=(n, num_tokens, dim),
-                               chunks=(token_rows_per_chunk, num_tokens, dim), dtype="float16")
+            group.create_array("tokens", shape=(n, num_tokens, dim), chunks=(token_rows_per_chunk, num_tokens, dim),
+                               dtype="float16", dimension_names=FEATURE_DIMS["tokens"])
         self.store.replace(tmp, rel)
         return True
+
+    def arrays(self, video_id: str) -> dict[str, zarr.Array]:
+        """The video's arrays, opened for reading: windows, cls, and tokens where stored."""
+        names = ["windows", "cls"] + (["tokens"] if self.has_tokens(video_id) else [])
+        return {name: self._array(video_id, name) for name in names}
 
     def _array(self, video_id: str, name: str, mode: str = "r") -> zarr.Array:
         return zarr.open_array(self.store.url(f"{self.rel(video_id)}/{name}"), mode=mode)
