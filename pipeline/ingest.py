@@ -11,14 +11,15 @@ from pathlib import Path
 import pyarrow as pa
 
 from pipeline.progress import Progress, Summary
-from stages.ingest import VIDEO_SUFFIXES, list_videos, probe_video, read_hcap
-from store import Store, fingerprint, read_videos, register_videos, video_id_for, write_groundtruth
+from stages.ingest import VIDEO_SUFFIXES, list_videos, probe_video, read_hcap, read_hcap_queries
+from store import Store, fingerprint, read_videos, register_videos, video_id_for, write_groundtruth, write_queries
 
 STAGE, VERSION = "ingest", "v1"
 
 
-def ingest(store: Store, sources: list[str], threads: int = 4, stream=sys.stderr) -> Summary:
+def ingest(store: Store, sources: list[str], threads: int = 4, stream=None) -> Summary:
     """Register every video found in `sources` (folders, list files or video paths)."""
+    stream = sys.stderr if stream is None else stream  # at the call: --log-file replaces it
     start = time.monotonic()
     uris = []
     for source in sources:
@@ -62,8 +63,9 @@ def ingest(store: Store, sources: list[str], threads: int = 4, stream=sys.stderr
                 record = store.record_failure(STAGE, VERSION, vid, error)
                 summary.failed += 1
                 summary.failures.append(record)
-                print(f"[{STAGE}] FAILED {record['message']}", file=stream)
+                progress.write(f"[{STAGE}] FAILED {record['message']}")
             progress.advance(1)
+    progress.close()
     for row in rows:
         old = registered.get(row["video_id"])
         if old and old["content_id"] and old["content_id"] != row["content_id"]:
@@ -81,9 +83,11 @@ def ingest(store: Store, sources: list[str], threads: int = 4, stream=sys.stderr
 
 
 def ingest_hcap(store: Store, metadata_dir: str, videos_root: str, threads: int = 4,
-                stream=sys.stderr) -> Summary:
-    """Ego4D-HCap: ground truth from the metadata files, and ROOT/{vid}.mp4 registered. The ground truth is
-    keyed by the registry's ids (an id unsafe as a file name is cleaned the same way in both)."""
+                stream=None) -> Summary:
+    """Ego4D-HCap: ground truth from the metadata files (and a synthetic corpus's retrieval queries), and
+    ROOT/{vid}.mp4 registered. The ground truth is keyed by the registry's ids (an id unsafe as a file name is
+    cleaned the same way in both)."""
+    stream = sys.stderr if stream is None else stream
     tables = read_hcap(metadata_dir)
     root = videos_root.rstrip("/")
     uris = {vid: _absolute(f"{root}/{vid}.mp4") for t in tables.values() for vid in t["video_id"].to_pylist()}
@@ -94,6 +98,11 @@ def ingest_hcap(store: Store, metadata_dir: str, videos_root: str, threads: int 
             write_groundtruth(store, level, table.set_column(table.schema.get_field_index("video_id"), "video_id",
                                                              keyed))
             print(f"[{STAGE}] ground truth {level}: {table.num_rows} rows", file=stream)
+    queries = read_hcap_queries(metadata_dir)
+    if queries is not None and queries.num_rows:
+        keyed = pa.array([ids[v] for v in queries["video_id"].to_pylist()], pa.string())
+        write_queries(store, queries.set_column(queries.schema.get_field_index("video_id"), "video_id", keyed))
+        print(f"[{STAGE}] retrieval queries: {queries.num_rows} rows", file=stream)
     return ingest(store, sorted(set(uris.values())), threads, stream)
 
 

@@ -191,6 +191,13 @@ def read_hcap(metadata_dir: str | os.PathLike) -> dict[str, pa.Table]:
     return tables
 
 
+def read_hcap_queries(metadata_dir: str | os.PathLike) -> pa.Table | None:
+    """groundtruth/queries.parquet, the retrieval queries our synthetic corpus writes next to its ground truth
+    (synth.queries), in the ground-truth schema; None for metadata without them (Ego4D-HCap)."""
+    path = Path(metadata_dir) / "groundtruth" / "queries.parquet"
+    return pq.read_table(path).select(GROUNDTRUTH_SCHEMA.names).cast(GROUNDTRUTH_SCHEMA) if path.is_file() else None
+
+
 def _facts(path: Path) -> dict[tuple[str, float, float], str]:
     """(video, start, end) -> facts JSON from a corpus's ground-truth table, if it has one with facts."""
     if not path.is_file():

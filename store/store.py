@@ -4,8 +4,15 @@ Layout (relative to the root):
     recap.toml                            the store's settings (pipeline.config.settle)
     videos.parquet                        registry of ingested videos
     groundtruth/<level>.parquet           reference captions
+    groundtruth/queries.parquet           retrieval queries, same schema (recap evaluate --task retrieval)
     features/<feature_set>/<video_id>/    Zarr v3 arrays (see store.features)
-    captions/<level>/<version>/<video_id>.parquet
+    captions/<level>/<version>/<video_id>.parquet   every row names its version
+    current/<level>.parquet                the committed rows of each level's current version, one table
+    current/versions.json                  which versions those are (see store.current)
+    metrics/<name>.parquet                 evaluation results (recap evaluate, the demo)
+    exports/<format>/<video_id>.*          recap export (recap.export)
+    thumbnails/<version>/<video_id>/<start_ms>.jpg   the report's thumbnails (stages.thumbnails)
+    report/                                recap report's pages and plots (recap.report)
     markers/<stage>/<version>/<unit>.json  completion markers, written last
     failures/<stage>/<version>/<unit>.json failure records
     superseded/<fingerprint>/...           outputs replaced by a changed fingerprint
@@ -14,6 +21,9 @@ Layout (relative to the root):
 
 Every write is atomic: a hidden temporary name, then a rename (local) or a
 single put (object stores). Readers of table folders skip hidden names.
+current/ is derived, never an input: the caption drivers rewrite it after each
+run from the committed rows (markers), tables first and versions.json last,
+so deleting it loses nothing.
 """
 
 from __future__ import annotations
@@ -176,14 +186,15 @@ class Store:
             pq.write_table(table, f)
         return tmp
 
-    def read_table(self, rel: str, columns=None, filter=None) -> pa.Table | None:
-        """A Parquet file, or every visible Parquet file under a folder, as one table."""
+    def read_table(self, rel: str, columns=None, filter=None, schema: pa.Schema | None = None) -> pa.Table | None:
+        """A Parquet file, or every visible Parquet file under a folder, as one table. With `schema`, files
+        that lack one of its columns read it as nulls (otherwise the first file's schema decides)."""
         full = self.abs(rel)
         if not self.fs.exists(full):
             return None
         if self.fs.isdir(full) and not self.listdir(rel):
             return None
-        dataset = ds.dataset(full, filesystem=self.fs, format="parquet")
+        dataset = ds.dataset(full, filesystem=self.fs, format="parquet", schema=schema)
         return dataset.to_table(columns=columns, filter=filter)
 
     # ---- markers, failures, commits -------------------------------------------

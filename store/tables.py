@@ -29,6 +29,7 @@ CAPTION_SCHEMA = pa.schema([
     ("video_id", pa.string()), ("level", pa.string()), ("start_s", pa.float64()),
     ("end_s", pa.float64()), ("text", pa.string()), ("score", pa.float64()),
     ("fingerprint", pa.string()),
+    ("version", pa.string()),  # the caption folder's name; tables written before it had none (read_captions)
 ])
 
 
@@ -94,23 +95,46 @@ def _conform_groundtruth(table: pa.Table) -> pa.Table:
 
 def write_groundtruth(store: Store, level: str, table: pa.Table) -> int:
     """Merge ground truth of one level: rows of the given videos replace theirs."""
+    return _merge_by_video(store, groundtruth_rel(level), f"groundtruth-{level}", table)
+
+
+def _merge_by_video(store: Store, rel: str, lock: str, table: pa.Table) -> int:
     table = _conform_groundtruth(table)
-    with store.lock(f"groundtruth-{level}"):
-        old = store.read_table(groundtruth_rel(level))
+    with store.lock(lock):
+        old = store.read_table(rel)
         if old is not None:
             keep = pc.invert(pc.is_in(old["video_id"], value_set=pc.unique(table["video_id"])))
             table = pa.concat_tables([_conform_groundtruth(old.filter(keep)), table])
         table = table.sort_by([("video_id", "ascending"), ("start_s", "ascending")])
-        store.write_table(groundtruth_rel(level), table)
+        store.write_table(rel, table)
     return table.num_rows
 
 
 def read_groundtruth(store: Store, level: str, split: str | None = None) -> pa.Table | None:
-    table = store.read_table(groundtruth_rel(level))
+    return _read_split(store, groundtruth_rel(level), split)
+
+
+def _read_split(store: Store, rel: str, split: str | None) -> pa.Table | None:
+    table = store.read_table(rel)
     table = None if table is None else _conform_groundtruth(table)
     if table is not None and split is not None:
         table = table.filter(pc.equal(table["split"], split))
     return table
+
+
+# ---- retrieval queries -----------------------------------------------------------
+
+QUERIES_REL = "groundtruth/queries.parquet"  # retrieval queries, in the ground-truth schema (synth.queries)
+
+
+def write_queries(store: Store, table: pa.Table) -> int:
+    """Merge retrieval queries: rows of the given videos replace theirs."""
+    return _merge_by_video(store, QUERIES_REL, "groundtruth-queries", table)
+
+
+def read_queries(store: Store, split: str | None = None) -> pa.Table | None:
+    """The retrieval queries (of one split), or None if the store has none."""
+    return _read_split(store, QUERIES_REL, split)
 
 
 # ---- captions ----------------------------------------------------------------
@@ -124,6 +148,11 @@ def captions_rel(level: str, version: str, video_id: str) -> str:
 
 
 def read_captions(store: Store, level: str, version: str, video_id: str | None = None) -> pa.Table | None:
-    """Committed captions of one level and version (one video, or all)."""
+    """Captions of one level and version (one video, or all), in today's schema: rows of tables written
+    before captions carried their version get it from the folder name."""
     rel = captions_rel(level, version, video_id) if video_id else captions_dir(level, version)
-    return store.read_table(rel)
+    table = store.read_table(rel, schema=CAPTION_SCHEMA)
+    if table is None:
+        return None
+    i = table.schema.get_field_index("version")
+    return table.set_column(i, "version", pc.fill_null(table["version"], version))

@@ -14,7 +14,7 @@ from typing import Callable
 from synth import render
 from synth.presets import SPLITS, Preset, resolve
 from synth.world import Session, plan_corpus
-from synth.writer import write_groundtruth, write_json, write_mp4
+from synth.writer import QUERIES_FILE, write_groundtruth, write_json, write_mp4, write_queries
 
 GENERATOR_VERSION = "2"  # 2: ground-truth tables carry facts
 
@@ -49,12 +49,15 @@ def generate(preset: str | Preset, out: Path, seed: int = 0,
     """Write the corpus `preset` x `seed` into `out`, calling `progress(videos
     done, videos in all)` as videos are written by `workers` processes (default:
     the usable CPUs). Same arguments, same bytes, whatever the number of workers.
-    Re-running into a complete copy of the same corpus does nothing."""
+    Re-running into a complete copy of the same corpus does nothing but add the
+    retrieval queries to a copy written before corpora had them."""
     preset, out = resolve(preset), Path(out)
     sessions = plan_corpus(preset, seed)
     manifest = Manifest.of(preset, seed, sessions)
     done = replace(manifest, complete=True)
     if _existing_manifest(out, manifest) == done:
+        if not (out / "groundtruth" / QUERIES_FILE).is_file():
+            write_queries(out, sessions, seed)
         return done
 
     (out / "videos").mkdir(parents=True, exist_ok=True)
@@ -69,6 +72,7 @@ def generate(preset: str | Preset, out: Path, seed: int = 0,
     else:
         _report(map(_write_video, *zip(*jobs)), len(jobs), progress)
     write_groundtruth(out, sessions)
+    write_queries(out, sessions, seed)
     write_json(out / "manifest.json", asdict(done))
     return done
 

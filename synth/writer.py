@@ -1,6 +1,7 @@
 """Writes a corpus to disk: H.264 files and the ground truth, both in the
 Ego4D-HCap layout (pickles and JSON per split) and as Parquet tables, which
-also hold the facts behind every caption (`synth.facts`)."""
+also hold the facts behind every caption (`synth.facts`); and the retrieval
+queries (`synth.queries`), a Parquet table in the same schema."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pyarrow.parquet as pq
 
 from synth.facts import facts_of_clip, facts_of_segment, facts_of_video
 from synth.presets import SPLITS
+from synth.queries import plan_queries
 from synth.world import Session
 
 GROUNDTRUTH_SCHEMA = pa.schema([
@@ -24,6 +26,7 @@ GROUNDTRUTH_SCHEMA = pa.schema([
     ("start_s", pa.float64()), ("end_s", pa.float64()), ("text", pa.string()),
     ("facts", pa.string()),  # JSON: what the caption states (synth.facts)
 ])
+QUERIES_FILE = "queries.parquet"  # under groundtruth/, next to the level tables
 
 
 def write_mp4(path: Path, frames: Iterable[np.ndarray], width: int, height: int, fps: int, gop: int) -> None:
@@ -72,9 +75,20 @@ def write_groundtruth(out: Path, sessions: list[Session]) -> None:
             "end_s": [r[2] for r in rows], "text": [r[3] for r in rows],
             "facts": [json.dumps(r[4], sort_keys=True) for r in rows],
         }, schema=GROUNDTRUTH_SCHEMA)
-        partial = out / "groundtruth" / f"{level}.parquet.partial"
-        pq.write_table(table, partial)
-        os.replace(partial, out / "groundtruth" / f"{level}.parquet")
+        _write_parquet(table, out / "groundtruth" / f"{level}.parquet")
+
+
+def write_queries(out: Path, sessions: list[Session], seed: int) -> None:
+    """groundtruth/queries.parquet: the retrieval queries (synth.queries), in the ground-truth schema."""
+    (out / "groundtruth").mkdir(exist_ok=True)
+    _write_parquet(pa.Table.from_pylist(plan_queries(sessions, seed), schema=GROUNDTRUTH_SCHEMA),
+                   out / "groundtruth" / QUERIES_FILE)
+
+
+def _write_parquet(table: pa.Table, path: Path) -> None:
+    partial = path.with_name(path.name + ".partial")
+    pq.write_table(table, partial)
+    os.replace(partial, path)
 
 
 def write_json(path: Path, obj) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from synth import PRESETS, CorpusMismatch, Preset, facts, generate
+from synth import PRESETS, CorpusMismatch, Preset, facts, generate, queries
 from synth.captions import CLIP_TEMPLATES, SEGMENT_TEMPLATES, SUMMARY_PHRASES
 from synth.presets import SPLITS
 from synth.world import plan_corpus
@@ -276,3 +276,84 @@ def test_the_ground_truth_tables_carry_the_facts(corpus):
     for level in ("clip", "segment", "video"):
         rows = pq.read_table(corpus / "groundtruth" / f"{level}.parquet").to_pylist()
         assert rows and all(json.loads(r["facts"]) == facts.parse(level, r["text"]) for r in rows)
+
+
+# ---- retrieval queries ---------------------------------------------------------------
+
+# The tiny preset, seed 0, as generated before corpora had retrieval queries: the HCap pickles, JSON and
+# manifest (bytes), the ground-truth Parquet tables (rows) and the plan the videos are rendered from.
+BEFORE_QUERIES = {
+    "hcap": "168aa0a5d958e16e8b3965ec37139893065167fb45e7d91d6093044980a7554a",
+    "parquet": "3beea416788d2c35f16286551831ce30e7dfafe6e7fa08f6954dcbc7ff798783",
+    "plan": "cc0fd3d6a5c95450faa6282ee71f5f17ca01d209031acedf808f447ee0b34d09",
+}
+
+# Every ground-truth template, and the summaries' fixed wording (synth.captions.video_summary).
+GT_TEMPLATES = [*(t for ts in CLIP_TEMPLATES.values() for t in ts),
+                *(t for ts in SEGMENT_TEMPLATES.values() for t in ts), *SUMMARY_PHRASES.values(),
+                "C was in the {place}. C ", "In the {place}, C first ", ", then ", ", and finally ",
+                "C spent the session in the {place}. ", "First, C ", "Then C ", "Finally, C "]
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[#\w]+", text.lower())
+
+
+def _fragments(template: str) -> set[str]:
+    """The template's fixed wording between its fields, runs of two words or more."""
+    return {" ".join(w) for part in re.split(r"\{\w+\}", template) if len(w := _words(part)) >= 2}
+
+
+def test_queries_leave_every_other_file_of_a_seed_as_it_was(corpus):
+    hcap = hashlib.sha256()
+    for path in sorted(p for p in corpus.iterdir() if p.suffix in (".pkl", ".json")):
+        hcap.update(path.name.encode())
+        hcap.update(path.read_bytes())
+    parquet = hashlib.sha256()
+    for level in ("clip", "segment", "video"):
+        parquet.update(json.dumps(pq.read_table(corpus / "groundtruth" / f"{level}.parquet").to_pylist()).encode())
+    plan = hashlib.sha256(repr([dataclasses.asdict(s) for s in plan_corpus(TINY, 0)]).encode())
+    assert {"hcap": hcap.hexdigest(), "parquet": parquet.hexdigest(), "plan": plan.hexdigest()} == BEFORE_QUERIES
+    assert sorted(p.name for p in (corpus / "groundtruth").iterdir()) == [
+        "clip.parquet", "queries.parquet", "segment.parquet", "video.parquet"]
+
+
+def test_every_unit_has_one_query_stating_its_facts(corpus):
+    queries = pq.read_table(corpus / "groundtruth" / "queries.parquet")
+    assert queries.schema.remove_metadata() == GROUNDTRUTH_SCHEMA
+    key = lambda r: (r["video_id"], r["split"], r["level"], r["start_s"], r["end_s"], r["facts"])
+    found = [key(r) for r in queries.to_pylist()]
+    units = [key(r) for level in ("clip", "segment", "video")
+             for r in pq.read_table(corpus / "groundtruth" / f"{level}.parquet").to_pylist()]
+    assert len(found) == len(set(found)) and set(found) == set(units)  # tiny has no span summaries
+    assert {r["split"] for r in queries.to_pylist()} == set(SPLITS)
+
+
+def test_no_query_is_a_ground_truth_sentence():
+    """On the demo plan of three seeds: the grammar parses no query, at any level; no query opens like a
+    narration ("#C C") or a description ("C ..."), none holds two or more words in a row of a caption template's
+    fixed wording, and every query template was used."""
+    fragments = set().union(*map(_fragments, GT_TEMPLATES))
+    assert {"#c c picks up the", "on the table", "to the left", "in the", "and finally"} <= fragments
+    rows = [r for seed in range(3) for r in queries.plan_queries(plan_corpus(PRESETS["demo"], seed), seed)]
+    assert {r["level"] for r in rows} == {"clip", "segment", "video"}
+    for r in rows:
+        text = r["text"]
+        assert all(facts.parse(level, text) is None for level in ("clip", "segment", "video")), text
+        assert not re.match(r"#|C\b", text), text
+        padded = f" {' '.join(_words(text))} "
+        assert not [f for f in fragments if f" {f} " in padded], text
+    templates = [*(t for ts in queries.CLIP_QUERIES.values() for t in ts),
+                 *(t for ts in queries.SEGMENT_QUERIES.values() for t in ts), *queries.VIDEO_QUERIES]
+    for template in templates:
+        pattern = re.compile(".+".join(map(re.escape, re.split(r"\{\w+\}", template))))
+        assert any(pattern.fullmatch(r["text"]) for r in rows), template
+    steps = {s for ss in queries.STEPS.values() for s in ss} | set(queries.STEP_JOINERS)
+    assert all(any(s in r["text"] for r in rows if r["level"] == "video") for s in steps)
+
+
+def test_queries_come_from_their_own_random_stream():
+    sessions = plan_corpus(TINY, 0)
+    assert queries.plan_queries(sessions, 0) == queries.plan_queries(plan_corpus(TINY, 0), 0)
+    assert [r["text"] for r in queries.plan_queries(sessions, 0)] != [r["text"] for r in queries.plan_queries(
+        sessions, 1)]  # the same units, other wording: the stream is the seed's, not the plan's
