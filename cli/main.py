@@ -15,12 +15,74 @@ from pipeline.status import failure_lines, format_status, status_rows
 from stages.base import SetupFailed
 from store import Store
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+HELP = {"help_option_names": ["-h", "--help"]}  # -h as well as --help, on every command and sub-command
+# rich_markup_mode=None: help text shows as written; Rich markup read "[default: ...]" as a tag and dropped it.
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, context_settings=HELP,
+                  rich_markup_mode=None,
                   help="Hierarchical captions for hour-long videos (Video ReCap) over a feature store.")
 
 StoreOpt = Annotated[Optional[str], typer.Option("--store", "-s", help="Store root: folder or fsspec URL "
                                                   "[default: config's store, ./recap-store]")]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config overriding defaults")]
+
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON document on stdout instead of the table "
+                                                      "(messages stay on stderr)")]
+
+
+def _print_json(document: dict) -> None:
+    import json
+
+    typer.echo(json.dumps(document, indent=2, default=str))
+
+
+def _setting(key: str, shown: str | None = None) -> str:
+    """The help's "[default: ...]" of an option that falls back to a setting (the store's recap.toml, then
+    --config, then the built-in value of pipeline/config.py)."""
+    from pipeline.config import Config, flatten
+
+    value = flatten(Config())[key] if shown is None else shown
+    value = ", ".join(value) if isinstance(value, (tuple, list)) else value
+    return f"[default: store's setting, else {value}]"
+
+
+def _package_version() -> str:
+    """The installed package's version; from pyproject.toml in a checkout that was never installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("recap")
+    except PackageNotFoundError:
+        import tomllib
+
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        try:
+            return tomllib.loads(pyproject.read_text())["project"]["version"]
+        except (OSError, KeyError, tomllib.TOMLDecodeError):
+            return "unknown"
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"recap {_package_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _everywhere(
+        version: Annotated[Optional[bool], typer.Option("--version", callback=_show_version, is_eager=True,
+                                                        help="Print the version and exit")] = None,
+        log_file: Annotated[Optional[Path], typer.Option(
+            "--log-file", envvar="RECAP_LOG_FILE", metavar="PATH",
+            help="Also append everything the command prints to stderr to PATH, as plain lines (no colours, no "
+                 "progress bar) [default: none]")] = None):
+    """Options before the command: `recap --log-file run.log features ...`."""
+    if log_file is not None:
+        import sys
+
+        from pipeline.logfile import tee_stderr
+
+        tee_stderr(log_file, "recap " + " ".join(sys.argv[1:]))
 
 
 def _fail(message: str) -> None:
@@ -130,6 +192,10 @@ def _run(build, cfg, st: Store, retry_failed: bool, local: bool):
         summary = run_stage(stage, st, executor="local" if local else cfg.run.executor, workers=cfg.run.workers,
                             address=cfg.run.address or None, retry_failed=retry_failed,
                             max_retries=cfg.run.max_retries)
+        if getattr(stage, "level", None):  # a caption level: current/ gets what it committed
+            from pipeline.current import publish_current
+
+            publish_current(cfg, st, [stage.level])
     except (ValueError, FileNotFoundError, SetupFailed) as e:  # settings, the stage's check() or setup
         _fail(str(e))
     _exit_for(summary)
@@ -138,13 +204,16 @@ def _run(build, cfg, st: Store, retry_failed: bool, local: bool):
 @app.command()
 def features(store: StoreOpt = None, config: ConfigOpt = None,
              encoder: Annotated[Optional[str], typer.Option(help="tsf-base | tsf-tiny | videoprism | "
-                                                            "videoprism-tiny")] = None,
-             checkpoint: Annotated[Optional[str], typer.Option(help="LaViLa .pth or VideoPrism folder")] = None,
+                                                            "videoprism-tiny " + _setting("features.encoder"))] = None,
+             checkpoint: Annotated[Optional[str], typer.Option(help="LaViLa .pth or VideoPrism folder " + _setting(
+                 "features.checkpoint", "none (seeded random weights)"))] = None,
              tokens: Annotated[Optional[bool], typer.Option("--tokens/--no-tokens",
-                                                           help="Store all tokens per window")] = None,
+                                                           help="Store all tokens per window "
+                                                                + _setting("features.tokens", "--tokens"))] = None,
              batch_size: Annotated[Optional[int],
-                                   typer.Option(help="Windows per encoder call (default 16 on CUDA, 4 on CPU)")] = None,
-             device: Annotated[Optional[str], typer.Option(help="cpu | cuda")] = None,
+                                   typer.Option(help="Windows per encoder call " + _setting(
+                                       "features.batch_size", "16 on CUDA, 4 on CPU"))] = None,
+             device: Annotated[Optional[str], typer.Option(help="cpu | cuda " + _setting("features.device"))] = None,
              workers: WorkersOpt = None, address: AddressOpt = None, retry_failed: RetryOpt = False,
              local: LocalOpt = False):
     """Per 4-s window CLS (and tokens) of every registered video, into Zarr."""
@@ -162,8 +231,8 @@ def _given(values: dict) -> dict:
 
 CheckpointOpt = Annotated[Optional[str], typer.Option(help="Our checkpoint folder or an official .pth "
                                                       "[default: latest trained in the store]")]
-MethodOpt = Annotated[Optional[str], typer.Option(help="greedy | beam | sample")]
-BatchOpt = Annotated[Optional[int], typer.Option(help="Windows per generate call")]
+MethodOpt = Annotated[Optional[str], typer.Option(help="greedy | beam | sample " + _setting("captions.method"))]
+BatchOpt = Annotated[Optional[int], typer.Option(help="Windows per generate call " + _setting("captions.batch_size"))]
 
 
 def _caption_command(level: str, doc: str):
@@ -198,25 +267,80 @@ _caption_command("video", "Video summaries: sparse CLS of the video + its segmen
 
 
 @app.command()
+def index(store: StoreOpt = None, config: ConfigOpt = None,
+          encoder: Annotated[Optional[str], typer.Option(help="lavila | videoprism: the video-text model "
+                                                         + _setting("index.encoder"))] = None,
+          checkpoint: Annotated[Optional[str], typer.Option(help="LaViLa dual-encoder .pth or VideoPrismClipModel "
+                                                            "folder, whose video tower made the features " + _setting(
+                                                                "index.checkpoint", "features.checkpoint, then (lavila)"
+                                                                " the store's latest `recap pretrain`"))] = None,
+          size: Annotated[Optional[str], typer.Option(help="tiny | base " + _setting(
+              "index.size", "the features encoder's"))] = None,
+          batch_size: Annotated[Optional[int], typer.Option(help="Captions per text-encoder call "
+                                                            + _setting("index.batch_size"))] = None,
+          device: Annotated[Optional[str], typer.Option(help="cpu | cuda " + _setting("index.device"))] = None,
+          workers: WorkersOpt = None, address: AddressOpt = None, retry_failed: RetryOpt = False,
+          local: LocalOpt = False):
+    """Text and video embeddings of every committed caption (clip, segment, video) into index/, for `recap search`."""
+    from pipeline.dag import index_stage
+
+    settings = {"encoder": encoder, "checkpoint": checkpoint, "size": size, "batch_size": batch_size,
+                "device": device}
+    cfg = _load(store, config, index=_given(settings), run=_given({"workers": workers, "address": address}))
+    _run(lambda: index_stage(cfg, Store(cfg.store)), cfg, Store(cfg.store), retry_failed, local)
+
+
+@app.command()
+def search(text: Annotated[str, typer.Argument(help="What to find, in words")],
+           store: StoreOpt = None, config: ConfigOpt = None,
+           level: Annotated[str, typer.Option(help="clip | segment | video: what is returned (clip: the finest "
+                                                   "spans, adjacent hits merged)")] = "clip",
+           top: Annotated[int, typer.Option(help="Rows returned")] = 10,
+           json_out: Annotated[bool, typer.Option("--json", help="A JSON list on stdout instead of the table")] = False):
+    """Ranked spans of the indexed videos for a text query: videos, then their segments, then their clips."""
+    from pipeline.search import format_results, run_search
+
+    cfg = _load(store, config, record=False)
+    try:
+        rows = run_search(cfg, Store(cfg.store), text, level, top)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    if json_out:
+        import json
+
+        typer.echo(json.dumps(rows, indent=1))
+    elif rows:
+        typer.echo(format_results(rows))
+    else:
+        typer.secho("no indexed rows match", fg="yellow", err=True)
+
+
+@app.command()
 def train(store: StoreOpt = None, config: ConfigOpt = None,
           level: Annotated[str, typer.Option(help="clip | segment | video | unified (ReCap-U)")] = "clip",
           init_from: Annotated[Optional[str], typer.Option(help="Checkpoint to start from: our folder or an "
-                                                           "official .pth (the previous level's)")] = None,
+                                                           "official .pth (the previous level's) [default: none, "
+                                                           "a new model of --size]")] = None,
           lower: Annotated[Optional[str], typer.Option(help="Lower-level text for segment / video: "
-                                                       "predicted | groundtruth")] = None,
+                                                       "predicted | groundtruth " + _setting("train.lower"))] = None,
           lower_version: Annotated[Optional[list[str]], typer.Option(
               help="Predicted caption version to read, e.g. clip-71e289aa (repeatable; needed when there are "
-                   "several)")] = None,
+                   "several) [default: the only one]")] = None,
           recursive: Annotated[Optional[bool], typer.Option(
               "--recursive/--no-recursive", help="Read the lower level's text (off: the non-recursive "
-                                                 "baseline, video features only)")] = None,
-          freeze: Annotated[Optional[str], typer.Option(help="official | none (train everything)")] = None,
+                                                 "baseline, video features only) "
+                                                 + _setting("train.recursive", "--recursive"))] = None,
+          freeze: Annotated[Optional[str], typer.Option(help="official | none (train everything) "
+                                                        + _setting("train.freeze"))] = None,
           size: Annotated[Optional[str], typer.Option(help="Model size without --init-from: base | demo | "
-                                                      "tiny")] = None,
-          epochs: Annotated[Optional[int], typer.Option(help="Epochs")] = None,
-          batch_size: Annotated[Optional[int], typer.Option(help="Examples per step, over all workers")] = None,
-          lr: Annotated[Optional[float], typer.Option(help="Peak learning rate")] = None,
-          workers: Annotated[Optional[int], typer.Option(help="Ray Train workers (DDP); 1 = this process")] = None,
+                                                      "tiny " + _setting("train.size"))] = None,
+          epochs: Annotated[Optional[int], typer.Option(help="Epochs " + _setting(
+              "train.epochs", "the level's official count"))] = None,
+          batch_size: Annotated[Optional[int], typer.Option(help="Examples per step, over all workers "
+                                                            + _setting("train.batch_size"))] = None,
+          lr: Annotated[Optional[float], typer.Option(help="Peak learning rate " + _setting("train.lr"))] = None,
+          workers: Annotated[Optional[int], typer.Option(help="Ray Train workers (DDP); 1 = this process "
+                                                         + _setting("train.workers"))] = None,
           address: AddressOpt = None):
     """Train a level's model on the store (checkpoint every epoch, resumable); captioning then uses it."""
     from pipeline.train import train as train_level
@@ -233,34 +357,115 @@ def train(store: StoreOpt = None, config: ConfigOpt = None,
 
 
 @app.command()
+def pretrain(store: StoreOpt = None, config: ConfigOpt = None,
+             size: Annotated[Optional[str], typer.Option(help="Dual encoder: base (LaViLa TimeSformer-B + CLIP "
+                                                         "text) | tiny " + _setting("pretrain.size"))] = None,
+             init: Annotated[Optional[str], typer.Option(help="A LaViLa .pth to start from "
+                                                         + _setting("pretrain.init", "fresh weights"))] = None,
+             epochs: Annotated[Optional[int], typer.Option(help="Epochs " + _setting("pretrain.epochs"))] = None,
+             batch_size: Annotated[Optional[int], typer.Option(help="Narrations per contrastive batch, over all "
+                                                               "workers " + _setting("pretrain.batch_size"))] = None,
+             lr: Annotated[Optional[float], typer.Option(help="Peak learning rate "
+                                                         + _setting("pretrain.lr"))] = None,
+             workers: Annotated[Optional[int], typer.Option(help="Ray Train workers (DDP); 1 = this process "
+                                                            + _setting("pretrain.workers"))] = None,
+             address: AddressOpt = None):
+    """Contrastive video-text training of the LaViLa dual encoder on the train split's clip narrations
+    (resumable per epoch); `features --checkpoint` then reads its visual tower."""
+    from pipeline.pretrain import pretrain as run_pretrain
+
+    settings = {"size": size, "init": init, "epochs": epochs, "batch_size": batch_size, "lr": lr, "workers": workers}
+    cfg = _load(store, config, pretrain={k: v for k, v in settings.items() if v is not None},
+                run={"address": address} if address else None)
+    try:
+        run_pretrain(cfg, Store(cfg.store))
+        _record()
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        _fail(str(e))
+
+
+@app.command()
 def evaluate(store: StoreOpt = None, config: ConfigOpt = None,
-             split: Annotated[Optional[str], typer.Option(help="Ground-truth split [default: test]")] = None,
-             protocol: Annotated[Optional[list[str]], typer.Option(help="videorecap | coco (repeatable)")] = None,
-             by: Annotated[Optional[str], typer.Option(help="'video' for per-video scores")] = None):
-    """CIDEr / ROUGE-L / METEOR per level against ground truth; writes a metrics table and prints it."""
+             split: Annotated[Optional[str], typer.Option(help="Ground-truth split "
+                                                          + _setting("evaluate.split"))] = None,
+             protocol: Annotated[Optional[list[str]], typer.Option(help="videorecap | coco (repeatable) "
+                                                                   + _setting("evaluate.protocols"))] = None,
+             by: Annotated[Optional[str], typer.Option(help="'video' for per-video scores "
+                                                       "[default: none, corpus scores only]")] = None,
+             task: Annotated[str, typer.Option(help="captions (CIDEr, ROUGE-L, METEOR per level) | retrieval "
+                                                    "(text-to-video and text-to-moment R@k from the index)")]
+             = "captions",
+             json_out: JsonOpt = False):
+    """CIDEr / ROUGE-L / METEOR per level against ground truth, or retrieval recall (--task retrieval); writes a
+    metrics table and prints it."""
     from pipeline.evaluate import evaluate_all
 
     ev = {"split": split, "protocols": tuple(protocol) if protocol else None}
     cfg = _load(store, config, record=False, evaluate={k: v for k, v in ev.items() if v is not None})
     if by not in (None, "video"):
         _fail(f"--by takes 'video', got {by!r}")
+    if task not in ("captions", "retrieval"):
+        _fail(f"--task takes captions or retrieval, got {task!r}")
+    import sys
+
+    if task == "retrieval":
+        if by or protocol:
+            _fail("--by and --protocol go with --task captions")
+        _evaluate_retrieval(cfg, json_out)
+        return
     try:
-        result = evaluate_all(cfg, Store(cfg.store), by=by)
+        result = evaluate_all(cfg, Store(cfg.store), by=by, stream=None if json_out else sys.stdout)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         _fail(str(e))
     if result is None:
         raise typer.Exit(1)
+    if json_out:  # one row per level, version, protocol, metric (and video with --by video); NaN as null
+        import json
+
+        _print_json({"store": cfg.store, "split": cfg.evaluate.split, "metrics_file": result.attrs["path"],
+                     "metrics": json.loads(result.to_json(orient="records"))})
+
+
+def _evaluate_retrieval(cfg, json_out: bool) -> None:
+    import sys
+
+    from pipeline.retrieval import evaluate_retrieval
+
+    try:
+        result = evaluate_retrieval(cfg, Store(cfg.store), stream=None if json_out else sys.stdout)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        _fail(str(e))
+    if json_out:  # one row per task, arm and metric
+        import json
+
+        _print_json({"store": cfg.store, "split": cfg.evaluate.split, "task": "retrieval",
+                     "index_version": result["version"].iloc[0], "metrics_file": result.attrs["path"],
+                     "metrics": json.loads(result.drop(columns=["version", "split"]).to_json(orient="records"))})
 
 
 @app.command()
 def run(store: StoreOpt = None, config: ConfigOpt = None,
         dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan, compute nothing")] = False,
         workers: WorkersOpt = None, address: AddressOpt = None, retry_failed: RetryOpt = False,
-        local: LocalOpt = False):
+        local: LocalOpt = False, json_out: JsonOpt = False):
     """The DAG: features -> captions -> segments -> summaries; only new or failed (with --retry-failed) work."""
+    if json_out and not dry_run:
+        _fail("--json goes with --dry-run (the plan); after a run, `recap status --json` and "
+              "`recap evaluate --json` say what it made")
     from pipeline.run import run_all
 
     cfg = _load(store, config, record=not dry_run, run=_given({"workers": workers, "address": address}))
+    if json_out:
+        from pipeline.dag import build_stages
+        from pipeline.run import plan_rows
+
+        st = Store(cfg.store)
+        try:
+            rows = plan_rows(build_stages(cfg, st), st)
+        except (ValueError, FileNotFoundError) as e:
+            _fail(str(e))
+        _print_json({"store": cfg.store, "plan": rows})  # "blocked": units that wait for an earlier stage
+        return
     try:
         summaries = run_all(cfg, Store(cfg.store), dry_run=dry_run, retry_failed=retry_failed, local=local)
     except (ValueError, FileNotFoundError) as e:
@@ -269,16 +474,87 @@ def run(store: StoreOpt = None, config: ConfigOpt = None,
 
 
 @app.command()
-def status(store: StoreOpt = None, config: ConfigOpt = None):
+def status(store: StoreOpt = None, config: ConfigOpt = None, json_out: JsonOpt = False):
     """Per stage and level: units done / failed / pending, with sizes."""
     from pipeline.dag import build_stages
 
     cfg, st = _open(store, config, record=False)
-    typer.echo(f"store: {st.root}")
     rows = status_rows(st, build_stages(cfg, st))
+    if json_out:  # sizes in bytes; null where the table shows "-"
+        from pipeline.status import failure_groups
+
+        _print_json({"store": st.root, "stages": rows, "failures": failure_groups(st, rows)})
+        return
+    typer.echo(f"store: {st.root}")
     typer.echo(format_status(rows))
     for line in failure_lines(st, rows):
         typer.echo(line)
+
+
+@app.command()
+def show(video: Annotated[str, typer.Argument(help="Video id (see `recap status` or videos.parquet)")],
+         at: Annotated[Optional[str], typer.Option(help="A moment, mm:ss: only the clip, segment and summary "
+                                                   "covering it")] = None,
+         store: StoreOpt = None):
+    """A video's summary, then its segment descriptions and clip captions on a timeline (the current versions)."""
+    from pipeline.config import Config
+    from recap import open_store
+    from recap.show import parse_moment, show_lines
+
+    try:  # no settings to settle: current/ names the versions (and settling imports torch, seconds)
+        lines = show_lines(open_store(store or Config.store), video, None if at is None else parse_moment(at))
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    for line in lines:
+        typer.echo(line)
+
+
+@app.command()
+def export(fmt: Annotated[str, typer.Option("--format", "-f", help="vtt | srt | jsonl")],
+           video: Annotated[Optional[str], typer.Option(help="One video id [default: every video with "
+                                                        "captions]")] = None,
+           out: Annotated[Optional[str], typer.Option(help="Output folder [default: exports/<format>/ in the "
+                                                      "store]")] = None,
+           store: StoreOpt = None):
+    """The current captions as WebVTT (clip cues, segment chapters, the summary as a note), SRT or JSONL."""
+    from pipeline.config import Config
+    from recap import open_store
+    from recap.export import export as export_captions
+
+    try:
+        reader = open_store(store or Config.store)
+        done = export_captions(reader, fmt, video, out)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    where = reader.store.url(f"exports/{fmt}") if out is None else out
+    typer.echo(f"wrote {len(done.files)} file(s) to {where}")
+    if done.skipped:
+        typer.echo(f"[export] {len(done.skipped)} video(s) without captions skipped (e.g. {done.skipped[0]}); "
+                   "run `recap captions`", err=True)
+
+
+@app.command()
+def report(store: StoreOpt = None, config: ConfigOpt = None,
+           ray: Annotated[bool, typer.Option("--ray", help="Decode thumbnails on Ray (run.workers, run.address) "
+                                             "[default: in this process]")] = False,
+           retry_failed: RetryOpt = False):
+    """Static HTML report in the store (report/index.html): a thumbnail timeline per video with its captions at
+    every level beside the ground truth, failures, the evaluation and the training curves."""
+    from pipeline.dag import thumbnails_stage
+    from pipeline.runner import run_stage
+    from recap import open_store
+    from recap.report import thumbnails_of, write_report
+
+    cfg, st = _open(store, config, record=False)
+    stage = thumbnails_stage(cfg)
+    summary = run_stage(stage, st, executor="ray" if ray else "local", workers=cfg.run.workers,
+                        address=cfg.run.address or None, retry_failed=retry_failed, max_retries=cfg.run.max_retries)
+    try:
+        pages = write_report(open_store(st.root), thumbnails_of(st, stage.version(), stage.clip_s))
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    typer.echo(f"wrote {len(pages)} file(s); open {st.url(pages[0])}")
+    _exit_for(summary)
 
 
 @app.command()
@@ -292,10 +568,13 @@ def demo(store: Annotated[str, typer.Option("--store", "-s", help="Store root fo
     _exit_for(*run_demo(store, data, preset, seed))
 
 
-checkpoint_app = typer.Typer(no_args_is_help=True, help="Official checkpoints: convert and inspect.")
+checkpoint_app = typer.Typer(no_args_is_help=True, context_settings=HELP, rich_markup_mode=None,
+                             help="Official checkpoints: convert and inspect.")
 app.add_typer(checkpoint_app, name="checkpoint")
-OverridesOpt = Annotated[Optional[str], typer.Option("--config", help="JSON (file or inline) with model settings "
-                                                     "an official file lacks, e.g. head counts")]
+OverridesOpt = Annotated[Optional[str], typer.Option("--config", "-c", metavar="PATH",
+                                                     help="TOML file with model settings an official file lacks, "
+                                                          "e.g. head counts: n_head = 12 (JSON still read, "
+                                                          "deprecated) [default: none, base-size head counts]")]
 
 
 @checkpoint_app.command("convert")

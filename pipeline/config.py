@@ -60,6 +60,20 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class PretrainConfig:
+    size: str = "base"           # dual encoder: base (LaViLa TimeSformer-B + CLIP text tower) | tiny
+    init: str = ""               # a LaViLa .pth to start from; empty = fresh weights
+    epochs: int = 5
+    batch_size: int = 32         # narrations per contrastive batch, over all workers
+    lr: float = 3e-5
+    weight_decay: float = 0.01
+    warmup_frac: float = 0.05
+    grad_clip: float = 1.0
+    seed: int = 0
+    workers: int = 1             # Ray Train workers; 1 = this process
+
+
+@dataclass(frozen=True)
 class CaptionConfig:
     clip_checkpoint: str = ""    # our checkpoint folder or an official .pth; empty = latest trained in the store
     segment_checkpoint: str = ""
@@ -70,6 +84,17 @@ class CaptionConfig:
     batch_size: int = 64         # windows per generate call
     device: str = "cpu"
     tokenizer: str = ""          # local GPT-2 tokenizer folder, for official .pth checkpoints
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    encoder: str = "lavila"      # lavila | videoprism: the video-text model of the embeddings
+    checkpoint: str = ""         # lavila: its dual-encoder .pth; empty = features.checkpoint, else the store's latest
+                                 # `recap pretrain` encoder. videoprism: a local VideoPrismClipModel folder; empty =
+                                 # features.checkpoint. Its video tower must be the features' encoder
+    size: str = ""               # tiny | base; empty = the features encoder's (tsf-tiny: tiny, tsf-base: base)
+    batch_size: int = 256        # captions per text-encoder call
+    device: str = "cpu"
 
 
 @dataclass(frozen=True)
@@ -92,7 +117,9 @@ class Config:
     windows: WindowConfig = field(default_factory=WindowConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     captions: CaptionConfig = field(default_factory=CaptionConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -169,9 +196,17 @@ def _rules() -> dict:
         "train.grad_clip": _at_least(0), "train.freeze": _choices(*FREEZE),
         "train.lower": _choices("predicted", "groundtruth"), "train.vocab_size": _at_least(8),
         "train.workers": _at_least(1),
+        "pretrain.size": _choices("base", "tiny"), "pretrain.epochs": _at_least(1),
+        "pretrain.batch_size": _at_least(2), "pretrain.lr": _at_least(0, strict=True),
+        "pretrain.weight_decay": _at_least(0), "pretrain.warmup_frac": _fraction, "pretrain.grad_clip": _at_least(0),
+        "pretrain.workers": _at_least(1),
         "captions.method": _choices("greedy", "beam", "sample"), "captions.num_beams": _at_least(1),
         "captions.top_p": lambda v: None if 0 < v <= 1 else "must be in (0, 1]",
         "captions.batch_size": _at_least(1), "captions.device": _device,
+        "index.encoder": _choices("lavila", "videoprism"),
+        "index.size": lambda v: None if v in ("", "tiny", "base")
+        else "not tiny or base (or empty: the features encoder's size)",
+        "index.batch_size": _at_least(1), "index.device": _device,
         "evaluate.split": _choices("train", "val", "test"),
         "evaluate.protocols": lambda v: None if v and set(v) <= {"videorecap", "coco"}
         else "must name one or more of videorecap, coco",
@@ -202,7 +237,8 @@ def flatten(config: Config) -> dict:
 SETTINGS_FILE = "recap.toml"
 # Local paths recorded absolute, so the store's settings hold wherever a command runs.
 PATH_SETTINGS = ("features.checkpoint", "captions.clip_checkpoint", "captions.segment_checkpoint",
-                 "captions.video_checkpoint", "captions.tokenizer", "train.tokenizer")
+                 "captions.video_checkpoint", "captions.tokenizer", "train.tokenizer", "pretrain.init",
+                 "index.checkpoint")
 
 
 def settle(store: str | None = None, path: str | os.PathLike | None = None, *, record: bool = True,

@@ -7,6 +7,8 @@ from pipeline.config import Config
 from stages.base import Stage
 from stages.captions import CAPTION_STAGES, CaptionStage
 from stages.features import FeaturesStage
+from stages.index import SIZE_OF_ENCODER, IndexStage
+from stages.thumbnails import ThumbnailStage
 from store import LEVELS, Store, latest_checkpoint
 
 
@@ -17,6 +19,11 @@ def features_stage(config: Config) -> FeaturesStage:
                          batch_size=batch_size, device=f.device, chunk_windows=f.chunk_windows,
                          rows_per_chunk=f.rows_per_chunk, decode_threads=f.decode_threads,
                          random_weights=f.random_weights)
+
+
+def thumbnails_stage(config: Config) -> ThumbnailStage:
+    """The report's thumbnails: one per clip window, the features' windows."""
+    return ThumbnailStage(clip_s=config.windows.clip_s)
 
 
 def caption_stage(config: Config, level: str, checkpoint: str, upstream: Stage,
@@ -45,3 +52,32 @@ def build_stages(config: Config, store: Store, upto: str | None = None) -> list[
             break
         stages.append(caption_stage(config, level, checkpoint, stages[-1], features))
     return stages
+
+
+def index_stage(config: Config, store: Store) -> IndexStage:
+    """The index of the caption versions the settings make current. Its model (index.encoder): index.checkpoint,
+    else the features' checkpoint (the only file whose visual tower made them), else, for LaViLa, the store's
+    latest pretrained encoder (which `check` refuses, naming both, unless the features were extracted with it)."""
+    from pipeline.pretrain import latest_encoder  # pipeline.pretrain imports this module through pipeline.train
+
+    features, *levels = build_stages(config, store)
+    captions = {}
+    for stage in levels:
+        try:
+            captions[stage.level] = stage.version()
+        except FileNotFoundError:  # a checkpoint file gone: this level and those above have no version
+            break
+    i = config.index
+    if i.encoder == "videoprism":
+        checkpoint = i.checkpoint or features.checkpoint
+        if not checkpoint:
+            raise FileNotFoundError("no VideoPrism video-text model to index with: set index.checkpoint "
+                                    "(--checkpoint) to a local VideoPrismClipModel folder")
+    else:
+        checkpoint = i.checkpoint or features.checkpoint or latest_encoder(store)
+        if not checkpoint:
+            raise FileNotFoundError("no dual encoder to index with: set index.checkpoint (--checkpoint), or run "
+                                    "`recap pretrain`, then `recap features --checkpoint` with its lavila.pth")
+    size = i.size or SIZE_OF_ENCODER.get(features.encoder, "base")
+    return IndexStage(checkpoint=checkpoint, features=features, captions=captions, encoder=i.encoder, size=size,
+                      batch_size=i.batch_size, device=i.device)
