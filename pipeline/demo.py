@@ -1,7 +1,8 @@
 """The main job on the embedded synthetic corpus, end to end; every step is resumable.
 
-synth -> ingest -> features -> train clip -> clip captions -> train segment (on predicted
-clip captions) -> segment descriptions -> train video -> summaries -> evaluate (test split),
+synth -> ingest -> pretrain the dual encoder -> features (its visual tower) -> train clip -> clip
+captions -> train segment (on predicted clip captions) -> segment descriptions -> train video ->
+summaries -> evaluate (test split),
 then a table per level against two baselines: the most frequent training caption, and a
 non-recursive model (same training, no lower-level text) at the segment and video levels.
 """
@@ -20,8 +21,10 @@ import torch
 
 import synth
 from pipeline.config import Config, load_config, record_settings
+from pipeline.current import publish_current
 from pipeline.dag import caption_stage, features_stage
 from pipeline.ingest import ingest_hcap
+from pipeline.pretrain import pretrain
 from pipeline.progress import Summary
 from pipeline.runner import run_stage
 from pipeline.train import train
@@ -38,6 +41,8 @@ DEMO_SETTINGS = {
     "train": {"size": "demo", "freeze": "none", "lower": "predicted", "batch_size": 16, "lr": 1e-3,
               "warmup_frac": 0.05, "vocab_size": 600},
     "captions": {"batch_size": 128},
+    # The tiny dual encoder learns from the 2,144 train narrations; its visual tower then extracts the features.
+    "pretrain": {"size": "tiny", "epochs": 6, "batch_size": 64, "lr": 1e-3},
 }
 # Training examples: 2,144 clips, 260 segments, 64 videos + ~600 runs of segments. Shape needs 17 clip
 # epochs, the segment activity 30, the video level 15 (measurements: docs/caption-accuracy.md).
@@ -53,7 +58,8 @@ def _with(config: Config, section: str, **values) -> Config:
 
 
 def run_demo(store_root: str, data: Path, preset: str = "demo", seed: int = 0,
-             stream=sys.stderr) -> list[Summary]:
+             stream=None) -> list[Summary]:
+    stream = sys.stderr if stream is None else stream  # at the call: --log-file replaces it
     # Training runs here, while no stage works: it takes every core (faster than one: docs/caption-accuracy.md).
     # Stage workers set their own thread counts.
     torch.set_num_threads(len(os.sched_getaffinity(0)))
@@ -65,6 +71,9 @@ def run_demo(store_root: str, data: Path, preset: str = "demo", seed: int = 0,
     config = record_settings(demo_config(store_root, segment_s), stream)  # later commands need no flags
     store = Store(config.store)
     summaries = [ingest_hcap(store, str(data), str(data / "videos"), stream=stream)]
+    step("pretrain the dual encoder (contrastive, on the train narrations)")
+    encoder = pretrain(config, store, stream=stream)
+    config = record_settings(_with(config, "features", checkpoint=store.abs(encoder.checkpoint)), stream)
 
     def stage_run(stage):
         summaries.append(run_stage(stage, store, executor=config.run.executor, max_retries=config.run.max_retries,
@@ -96,6 +105,7 @@ def run_demo(store_root: str, data: Path, preset: str = "demo", seed: int = 0,
 
     for level in LEVELS:  # the baselines trained last: caption commands default to the recursive models again
         record_latest(store, level, chain[f"{level}-checkpoint"])
+    publish_current(config, store)  # current/: the recursive models' captions
     step("evaluate on the test split")
     table = evaluation_table(store, {lvl: chain[lvl] for lvl in LEVELS}, baselines)
     print(format_table(table), file=sys.stdout)
