@@ -2,7 +2,7 @@
 
 synth -> ingest -> pretrain the dual encoder -> features (its visual tower) -> train clip -> clip
 captions -> train segment (on predicted clip captions) -> segment descriptions -> train video ->
-summaries -> evaluate (test split),
+summaries -> index -> evaluate (test split: captions, and retrieval with held-out queries),
 then a table per level against two baselines: the most frequent training caption, and a
 non-recursive model (same training, no lower-level text) at the segment and video levels.
 """
@@ -22,10 +22,11 @@ import torch
 import synth
 from pipeline.config import Config, load_config, record_settings
 from pipeline.current import publish_current
-from pipeline.dag import caption_stage, features_stage
+from pipeline.dag import caption_stage, features_stage, index_stage
 from pipeline.ingest import ingest_hcap
 from pipeline.pretrain import pretrain
 from pipeline.progress import Summary
+from pipeline.retrieval import evaluate_retrieval
 from pipeline.runner import run_stage
 from pipeline.train import train
 from stages.evaluate import METRICS, SEMANTIC, evaluate_level, evaluate_pairs, meteor_scorer, semantic_scores, write_metrics
@@ -106,9 +107,13 @@ def run_demo(store_root: str, data: Path, preset: str = "demo", seed: int = 0,
     for level in LEVELS:  # the baselines trained last: caption commands default to the recursive models again
         record_latest(store, level, chain[f"{level}-checkpoint"])
     publish_current(config, store)  # current/: the recursive models' captions
+    step("index the captions for `recap search`")
+    stage_run(index_stage(config, store))
     step("evaluate on the test split")
     table = evaluation_table(store, {lvl: chain[lvl] for lvl in LEVELS}, baselines)
     print(format_table(table), file=sys.stdout)
+    print(file=sys.stdout)
+    evaluate_retrieval(config, store, stream=sys.stdout)
     step("done")
     return summaries
 

@@ -20,7 +20,9 @@ def ensure_ray(address: str | None = None) -> None:
     print(f"[ray] connecting to {address}" if address else "[ray] starting a local instance", file=sys.stderr,
           flush=True)
     # Ray's own start-up warnings go to the session's log files, not between our lines; what workers print
-    # (model loading, training progress) still reaches this terminal.
+    # (model loading, training progress) still reaches this terminal, without colour codes in logs and pipes.
+    if not sys.stderr.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     context = ray.init(address=address, include_dashboard=False, log_to_driver=True, logging_level=logging.ERROR,
                        configure_logging=True)
     logs = getattr(context, "address_info", {}).get("session_dir")
