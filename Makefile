@@ -23,8 +23,9 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(RECAP) demo $(if $(filter-out recap-store,$(STORE)),--store $(STORE))
 
+# A test file per worker (module fixtures are built once), as many workers as cores, at most 4.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 
 ingest: setup
 	@test -n "$(VIDEOS)" || { echo "usage: make ingest VIDEOS=folder-or-list [STORE=...]"; exit 2; }
