@@ -3,7 +3,8 @@ key/value cache, plus `generate_official`, the official greedy loop, kept for
 reproducing official outputs exactly.
 
 Queries are projected to cross-attention keys/values once per call; each step then feeds only the
-newest token. Captions stop at EOS one by one; finished rows leave the batch.
+newest token. Captions stop at EOS one by one; finished rows leave the batch (with their rows of every
+cache, the queries' padding mask included).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def generate(
     bos_id: int,
     eos_id: int | None,
     max_new_tokens: int,
+    queries_mask: torch.Tensor | None = None,
     method: str = "greedy",
     num_beams: int = 4,
     length_penalty: float = 1.0,
@@ -40,13 +42,15 @@ def generate(
     generator: torch.Generator | None = None,
     tokenizer=None,
 ) -> Generation:
-    """Caption each row of `queries` (B, n, width). method: greedy | beam | sample (nucleus, `top_p`).
+    """Caption each row of `queries` (B, n, width; `queries_mask` (B, n), 0 = padding, as the model's
+    `decoder_context` gives it). method: greedy | beam | sample (nucleus, `top_p`).
     `eos_id=None` never stops early: exactly `max_new_tokens` tokens (benchmarks)."""
     if method == "beam":
-        ids, scores = _beam_search(decoder, queries, bos_id, eos_id, max_new_tokens, num_beams, length_penalty)
+        ids, scores = _beam_search(decoder, queries, queries_mask, bos_id, eos_id, max_new_tokens, num_beams,
+                                   length_penalty)
     elif method in ("greedy", "sample"):
         sample = (top_p, temperature, generator) if method == "sample" else None
-        ids, scores = _decode(decoder, queries, bos_id, eos_id, max_new_tokens, sample)
+        ids, scores = _decode(decoder, queries, queries_mask, bos_id, eos_id, max_new_tokens, sample)
     else:
         raise ValueError(f"method must be greedy, beam or sample, got {method!r}")
     texts = [tokenizer.decode(row) for row in ids] if tokenizer is not None else None
@@ -54,7 +58,7 @@ def generate(
 
 
 def _take(cache, rows):
-    return [None if kv is None else (kv[0][rows], kv[1][rows]) for kv in cache]
+    return [None if kv is None else tuple(t[rows] for t in kv) for kv in cache]
 
 
 def _sample_top_p(logits, top_p, temperature, generator):
@@ -63,13 +67,13 @@ def _sample_top_p(logits, top_p, temperature, generator):
     return order.gather(-1, torch.multinomial(probs, 1, generator=generator)).squeeze(-1)
 
 
-def _decode(decoder, queries, bos_id, eos_id, max_new_tokens, sample):
-    B = queries.size(0)
-    cross_kv, past = decoder.cross_kv(queries), None
-    rows = torch.arange(B, device=queries.device)  # original index of each row still decoding
-    tokens = torch.full((B, 1), bos_id, dtype=torch.long, device=queries.device)
+def _decode(decoder, queries, mask, bos_id, eos_id, max_new_tokens, sample):
+    B, device = queries.size(0), queries.device
+    cross_kv, past = decoder.cross_kv(queries, mask), None
+    rows = torch.arange(B, device=device)  # original index of each row still decoding
+    tokens = torch.full((B, 1), bos_id, dtype=torch.long, device=device)
     ids = [[] for _ in range(B)]
-    logprob, length = torch.zeros(B, device=queries.device), torch.zeros(B, device=queries.device)
+    logprob, length = torch.zeros(B, device=device), torch.zeros(B, device=device)
     for _ in range(max_new_tokens):
         logits, past = decoder(tokens, cross_kv=cross_kv, past_key_values=past)
         logits = logits[:, -1].float()
@@ -89,10 +93,10 @@ def _decode(decoder, queries, bos_id, eos_id, max_new_tokens, sample):
     return ids, (logprob / length).cpu()
 
 
-def _beam_search(decoder, queries, bos_id, eos_id, max_new_tokens, K, length_penalty):
+def _beam_search(decoder, queries, mask, bos_id, eos_id, max_new_tokens, K, length_penalty):
     B, device = queries.size(0), queries.device
-    cross_kv = [None if kv is None else (kv[0].repeat_interleave(K, 0), kv[1].repeat_interleave(K, 0))
-                for kv in decoder.cross_kv(queries)]
+    cross_kv = [None if kv is None else tuple(t.repeat_interleave(K, 0) for t in kv)
+                for kv in decoder.cross_kv(queries, mask)]
     past, tokens = None, torch.full((B * K, 1), bos_id, dtype=torch.long, device=device)
     beam_logprob = torch.zeros(B, K, device=device)
     beam_logprob[:, 1:] = float("-inf")  # all beams start equal: expand only the first at step 1

@@ -7,8 +7,9 @@ and then run the standard GPT-2 block. The attention module keeps the GPT-2 layo
 4.x (persistent uint8 `bias` and `masked_bias` buffers, also on the cross-attention) so official
 checkpoints load strictly; 5.x's `GPT2Attention` has neither buffer.
 
-Caching: `cross_kv(queries)` projects the queries to keys/values once per generation; self-attention
-keys/values of earlier positions are passed back in as `past_key_values`.
+Caching: `cross_kv(queries, mask)` projects the queries to keys/values once per generation; self-attention
+keys/values of earlier positions are passed back in as `past_key_values`. A mask (B, n) of the queries
+(1 = read, 0 = padding) rides in each layer's cross cache, so whatever selects rows of the cache selects it too.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from transformers.activations import ACT2FN
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 from transformers.pytorch_utils import Conv1D
 
-KV = tuple[torch.Tensor, torch.Tensor]  # (B, heads, length, head_dim) each
+KV = tuple[torch.Tensor, ...]  # keys, values (B, heads, length, head_dim); cross-attention may add keep (B, 1, 1, length)
 
 
 class GPT2Attention(nn.Module):
@@ -52,9 +53,9 @@ class GPT2Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, kv: KV | None = None) -> tuple[torch.Tensor, KV]:
         """Self-attention: `kv` caches earlier positions (or None); returns the keys/values of all positions.
-        Cross-attention: `kv` is `cross_kv(queries)`, returned unchanged."""
+        Cross-attention: `kv` is a layer's `cross_kv` (keys, values [, keep]); returns the keys and values."""
         if self.is_cross_attention:
-            q, (k, v) = self._heads(self.q_attn(x)), kv
+            q, (k, v) = self._heads(self.q_attn(x)), kv[:2]
         else:
             q, k, v = map(self._heads, self.c_attn(x).split(self.n_embd, dim=2))
             if kv is not None:
@@ -64,6 +65,8 @@ class GPT2Attention(nn.Module):
             q_len, k_len = q.size(-2), k.size(-2)
             causal = self.bias[:, :, k_len - q_len : k_len, :k_len].bool()
             w = torch.where(causal, w, self.masked_bias.to(w.dtype))  # replaced, not added
+        elif len(kv) > 2:  # padded queries
+            w = w.masked_fill(~kv[2], torch.finfo(w.dtype).min)
         w = self.attn_dropout(F.softmax(w, dim=-1))
         y = (w @ v).transpose(1, 2).flatten(2)
         return self.resid_dropout(self.c_proj(y)), (k, v)
@@ -130,21 +133,26 @@ class GatedGPT2LMHeadModel(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight
 
-    def cross_kv(self, queries: torch.Tensor) -> list[KV | None]:
-        """Per-layer keys/values of the queries (None where a layer has no cross-attention)."""
-        return [b.crossattention.cross_kv(queries) if b.has_cross_attention else None for b in self.transformer.h]
+    def cross_kv(self, queries: torch.Tensor, mask: torch.Tensor | None = None) -> list[KV | None]:
+        """Per-layer keys/values of the queries (None where a layer has no cross-attention), with
+        `mask` (B, n; 0 = padding) as a third element when given."""
+        keep = () if mask is None else (mask[:, None, None, :].bool(),)
+        return [b.crossattention.cross_kv(queries) + keep if b.has_cross_attention else None
+                for b in self.transformer.h]
 
     def forward(
         self,
         input_ids: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
         *,
         cross_kv: list[KV | None] | None = None,
         past_key_values: list[KV] | None = None,
     ) -> tuple[torch.Tensor, list[KV]]:
         """Logits (B, L, vocab) and the self-attention keys/values of all positions so far.
-        Give the queries as `encoder_hidden_states` or, when decoding step by step, as `cross_kv`."""
+        Give the queries as `encoder_hidden_states` (+ `encoder_attention_mask`, 0 = padding) or, when
+        decoding step by step, as `cross_kv`."""
         if cross_kv is None:
-            cross_kv = self.cross_kv(encoder_hidden_states)
+            cross_kv = self.cross_kv(encoder_hidden_states, encoder_attention_mask)
         h, presents = self.transformer(input_ids, cross_kv, past_key_values)
         return self.lm_head(h), presents

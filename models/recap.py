@@ -3,6 +3,7 @@ feeding a GPT-2 decoder with gated cross-attention.
 
     video (pixels -> TimeSformer tokens, or CLS features) --video_mapper--> video queries --+
     previous-level ids -> wte + wpe ---------------------------text_mapper--> text queries --+-> text_decoder
+                                   +------(text_tokens_to_decoder: the tokens themselves)----+
 
 Module and parameter names are the official ones, so `from_official` loads Video ReCap and ReCap-U
 `.pth` files strictly.
@@ -63,6 +64,10 @@ class RecapConfig:
     # text); off officially. GPT-2's pretrained embeddings have norms of a few units; freshly initialised ones
     # (std 0.02) are so small that the text mapper's attention reads them as a uniform blur.
     text_context_norm: bool = False
+    # The decoder's cross-attention also reads the previous-level text tokens themselves (the text mapper's
+    # context, projected to the queries' width if it differs), pads masked; off officially. A summary copies
+    # its descriptions in order, which a few learned queries of a small Q-Former do not hold.
+    text_tokens_to_decoder: bool = False
     # Initial value of the decoder's cross-attention gates (alpha; the gate is tanh(alpha)). 0, the official
     # value, leaves a pretrained GPT-2 as it was; a decoder trained from scratch learns faster with open gates.
     gate_init: float = 0.0
@@ -253,8 +258,10 @@ class RecapModel(nn.Module):
         if config.num_text_queries:
             self.text_queries = nn.Parameter(0.02 * torch.randn(config.num_text_queries, width))
             self.text_mapper = QFormerMapper(config.qformer_config(config.n_embd))
-            if config.text_context_norm:
-                self.text_context_norm = nn.LayerNorm(config.n_embd)
+        if config.text_context_norm and (config.num_text_queries or config.text_tokens_to_decoder):
+            self.text_context_norm = nn.LayerNorm(config.n_embd)
+        if config.text_tokens_to_decoder and config.n_embd != width:
+            self.text_token_proj = nn.Linear(config.n_embd, width)
         self.text_decoder = GatedGPT2LMHeadModel(config.gpt2_config())
         self.apply(self._init_weights)
         with torch.no_grad():
@@ -291,6 +298,10 @@ class RecapModel(nn.Module):
         """Previous-level GPT-2 ids -> the decoder's own wte + wpe, positions 0..L-1, as officially."""
         return self.text_decoder.transformer.embed(text_ids)
 
+    def text_context(self, text_ids: torch.Tensor) -> torch.Tensor:
+        context = self.embed_text(text_ids)
+        return self.text_context_norm(context) if hasattr(self, "text_context_norm") else context
+
     def map_features(self, video, video_mask=None, text_ids=None, text_mask=None) -> torch.Tensor:
         """Queries for the decoder (B, n_video [+ n_text], width): video first, then text.
         Text queries are made when the model has a text mapper and text is given, so one ReCap-U
@@ -299,17 +310,28 @@ class RecapModel(nn.Module):
         queries = [self.video_mapper(self.video_queries.expand(B, -1, -1), self.encode_video(video), video_mask)]
         if text_ids is not None and hasattr(self, "text_mapper"):
             text = self.text_queries.expand(B, -1, -1)
-            context = self.embed_text(text_ids)
-            if self.config.text_context_norm:
-                context = self.text_context_norm(context)
-            queries.append(self.text_mapper(text, context, text_mask))
+            queries.append(self.text_mapper(text, self.text_context(text_ids), text_mask))
         return torch.cat(queries, dim=1)
+
+    def decoder_context(self, video, video_mask=None, text_ids=None, text_mask=None):
+        """What the decoder cross-attends, and its mask (B, n; 0 = padding, None = all real): the queries
+        of `map_features`, then with `text_tokens_to_decoder` the text tokens themselves."""
+        queries = self.map_features(video, video_mask, text_ids, text_mask)
+        if text_ids is None or not self.config.text_tokens_to_decoder:
+            return queries, None
+        tokens = self.text_context(text_ids)
+        if hasattr(self, "text_token_proj"):
+            tokens = self.text_token_proj(tokens)
+        mask = None
+        if text_mask is not None:
+            mask = torch.cat([text_mask.new_ones(queries.shape[:2]), text_mask], dim=1)
+        return torch.cat([queries, tokens], dim=1), mask
 
     def forward(self, video, caption_tokens, video_mask=None, text_ids=None, text_mask=None) -> RecapOutput:
         """Teacher-forced logits for caption_tokens ([bos] + ids + [eos] + pad) and the official loss:
         cross-entropy over all B*(L-1) targets, pads counting as 0 in the mean, as officially."""
-        queries = self.map_features(video, video_mask, text_ids, text_mask)
-        logits = self.text_decoder(caption_tokens[:, :-1], queries)[0]
+        context, mask = self.decoder_context(video, video_mask, text_ids, text_mask)
+        logits = self.text_decoder(caption_tokens[:, :-1], context, mask)[0]
         loss = F.cross_entropy(logits.transpose(1, 2), caption_tokens[:, 1:],
                                ignore_index=self.config.pad_token_id, reduction="none").mean()
         return RecapOutput(loss, logits)

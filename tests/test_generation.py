@@ -134,3 +134,39 @@ def test_unknown_method_is_rejected():
     decoder, queries = random_decoder(0)
     with pytest.raises(ValueError, match="method"):
         generate(decoder, queries, bos_id=BOS, eos_id=BOS, max_new_tokens=2, method="contrastive")
+
+
+def padded_queries(queries, real=(12, 9, 5, 12, 7, 3)):
+    """A mask (0 = padding) keeping `real` rows of each batch item, and the queries with garbage in the pads."""
+    mask = (torch.arange(queries.size(1)) < torch.tensor(real)[:, None]).long()
+    noise = 100 * torch.randn(queries.shape, generator=torch.Generator().manual_seed(5))
+    return torch.where(mask[..., None].bool(), queries, noise), mask
+
+
+@torch.no_grad()
+def recompute_greedy(decoder, queries, mask):
+    """Greedy by a full masked forward of the whole prefix every step: no cache, no rows leaving."""
+    ids = torch.full((queries.size(0), 1), BOS)
+    for _ in range(STEPS):
+        ids = torch.cat([ids, decoder(ids, queries, mask)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids[:, 1:].tolist()
+
+
+@pytest.mark.parametrize("seed", [0, 4])
+def test_masked_queries_cached_generation_equals_recompute_and_ignores_pads(seed):
+    """The padded text tokens of `text_tokens_to_decoder`: the mask rides in the cross cache, so it must follow
+    rows that end early (greedy) and the beams' copies of each row."""
+    decoder, queries = random_decoder(seed)
+    padded, mask = padded_queries(queries)
+    free = recompute_greedy(decoder, padded, mask)
+    ends = {eos: [row.index(eos) if eos in row else STEPS for row in free] for eos in {t for row in free for t in row}}
+    eos = max(sorted(ends), key=lambda t: len(set(ends[t])))
+    assert len(set(ends[eos])) >= 3, "rows should end at three different steps"
+    kw = dict(bos_id=BOS, eos_id=eos, max_new_tokens=STEPS)
+    cached = generate(decoder, padded, queries_mask=mask, **kw)
+    assert cached.ids == [row[:end] for row, end in zip(free, ends[eos])]
+    alone = [generate(decoder, queries[i : i + 1, :n], **kw).ids[0] for i, n in enumerate(mask.sum(1).tolist())]
+    assert cached.ids == alone  # each row as if it had no pads at all
+    beams = generate(decoder, padded, queries_mask=mask, method="beam", num_beams=3, **kw)
+    assert beams.ids == [generate(decoder, queries[i : i + 1, :n], method="beam", num_beams=3, **kw).ids[0]
+                         for i, n in enumerate(mask.sum(1).tolist())]

@@ -231,3 +231,45 @@ def test_training_step_reaches_every_trainable_part():
     for name in ("video_queries", "text_queries", "text_decoder.transformer.h.1.alpha_cattn",
                  "video_mapper.mapper.bert.encoder.layer.0.crossattention.self.key.weight"):
         assert model.get_parameter(name).grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("text_queries", [7, 0])  # with the text mapper, and the tokens alone
+def test_decoder_reads_the_text_tokens_but_not_their_pads(text_queries):
+    torch.manual_seed(0)
+    config = RecapConfig.preset("video", "tiny").with_overrides(
+        {"text_tokens_to_decoder": True, "text_context_norm": True, "num_text_queries": text_queries, "gate_init": 1.0})
+    model = RecapModel(config).eval()
+    video, vmask = torch.randn(2, 12, 64), torch.ones(2, 12, dtype=torch.long)
+    text, caption = torch.randint(1, 98, (2, 9)), torch.randint(1, 98, (2, 6))
+    tmask = torch.tensor([[1] * 5 + [0] * 4, [1] * 7 + [0] * 2])
+    with torch.no_grad():
+        logits = model(video, caption, vmask, text, tmask).logits
+        other_pads = torch.where(tmask.bool(), text, torch.full_like(text, 98))
+        assert torch.equal(model(video, caption, vmask, other_pads, tmask).logits, logits)
+        other_token = text.clone()
+        other_token[:, 2] = 98
+        assert not torch.allclose(model(video, caption, vmask, other_token, tmask).logits, logits)
+        context, mask = model.decoder_context(video, vmask, text, tmask)
+    assert context.shape == (2, 5 + text_queries + 9, 64) and torch.equal(mask[:, 5 + text_queries:], tmask)
+
+
+def test_text_tokens_to_decoder_leaves_the_official_layout():
+    """Off unless asked (official files load and compute as before: the fixture tests); on, it adds no tensor
+    where the decoder reads the queries' width already, else one projection."""
+    assert not load_tiny("video").config.text_tokens_to_decoder
+
+    def keys(**overrides):
+        with torch.device("meta"):
+            return set(RecapModel(RecapConfig.preset("video", "tiny").with_overrides(overrides)).state_dict())
+
+    assert keys(text_tokens_to_decoder=True) == keys()
+    narrow = dict(qformer_hidden_size=32, qformer_intermediate_size=64)
+    assert keys(text_tokens_to_decoder=True, **narrow) - keys(**narrow) == {"text_token_proj.weight",
+                                                                          "text_token_proj.bias"}
+    model = RecapModel.from_official(REF / "tiny_video_checkpoint.pt", {**HEADS, "text_tokens_to_decoder": True})
+    inp, out, _ = fixture_io("video")
+    names = ("video_features", "video_mask", "text_features", "text_mask")
+    with torch.no_grad():
+        context, mask = model.decoder_context(*(inp[k] for k in names))
+    close(context[:, :out["queries"].size(1)], out["queries"], 5e-6)  # the official queries, then the tokens
+    assert torch.equal(mask[:, out["queries"].size(1):], inp["text_mask"])
