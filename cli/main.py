@@ -291,6 +291,66 @@ def index(store: StoreOpt = None, config: ConfigOpt = None,
 
 
 @app.command()
+def enhance(store: StoreOpt = None, config: ConfigOpt = None,
+            level: Annotated[Optional[str], typer.Option(help="clip | segment | video: the units captioned "
+                                                         + _setting("enhance.level"))] = None,
+            captioner: Annotated[Optional[str], typer.Option(help="local (the store's ReCap model; a prompt is a "
+                                                             "decoding recipe) | endpoint (a chat endpoint shown "
+                                                             "frames) " + _setting("enhance.captioner"))] = None,
+            engineer: Annotated[Optional[str], typer.Option(help="local (seeded one-field mutations) | endpoint "
+                                                            + _setting("enhance.engineer"))] = None,
+            endpoint_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible base URL, e.g. "
+                                                                "http://localhost:8000/v1 "
+                                                                + _setting("enhance.endpoint_url", "none"))] = None,
+            endpoint_model: Annotated[Optional[str], typer.Option(help="The served model " + _setting(
+                "enhance.endpoint_model", "none"))] = None,
+            k: Annotated[Optional[int], typer.Option("--k", "-k", help="Captions per unit "
+                                                     + _setting("enhance.k"))] = None,
+            iterations: Annotated[Optional[int], typer.Option(help="Rewrites at most after the initial prompt "
+                                                              + _setting("enhance.iterations"))] = None,
+            patience: Annotated[Optional[int], typer.Option(help="Stop after this many rewrites in a row that do not "
+                                                            "beat the best " + _setting("enhance.patience"))] = None,
+            diversity_weight: Annotated[Optional[float], typer.Option(help="score = similarity + weight * diversity "
+                                                                      + _setting("enhance.diversity_weight"))] = None,
+            sample_size: Annotated[Optional[int], typer.Option(help="Train videos the search scores on "
+                                                               + _setting("enhance.sample_size"))] = None,
+            seed: Annotated[Optional[int], typer.Option(help="Seed of the sample, the engineer and sampling "
+                                                        + _setting("enhance.seed"))] = None,
+            initial: Annotated[Optional[str], typer.Option(help="The iteration-0 prompt " + _setting(
+                "enhance.initial", "the captioner's"))] = None,
+            prompt: Annotated[Optional[str], typer.Option(help="Apply this prompt, no search (a recipe such as "
+                                                          "'method=greedy jitter=0.25', or an instruction for the "
+                                                          "endpoint) [default: the search's final prompt]")] = None,
+            search_only: Annotated[bool, typer.Option("--search-only", help="Stop after the search")] = False,
+            workers: WorkersOpt = None, address: AddressOpt = None, retry_failed: RetryOpt = False,
+            local: LocalOpt = False):
+    """CSI (ExCae's caption self-improvement): search a prompt that makes K captions per unit close to the train
+    ground truth and diverse (each iteration committed, resumable), then apply it to every video into
+    captions/enhanced/."""
+    from pipeline.dag import enhance_captioner, enhance_stage
+    from pipeline.enhance import run_search
+
+    settings = {"level": level, "captioner": captioner, "engineer": engineer, "endpoint_url": endpoint_url,
+                "endpoint_model": endpoint_model, "k": k, "iterations": iterations, "patience": patience,
+                "diversity_weight": diversity_weight, "sample_size": sample_size, "seed": seed, "initial": initial}
+    cfg = _load(store, config, enhance=_given(settings), run=_given({"workers": workers, "address": address}))
+    st = Store(cfg.store)
+    try:
+        if prompt is None:
+            result = run_search(cfg, st)
+            final, source = result.prompt, {"search": result.run_dir, "search_score": result.score}
+        else:
+            like = enhance_captioner(cfg, st).initial(cfg.enhance.k)
+            final, source = type(like).parse(prompt, like), {"prompt": "given"}
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # settings, inputs, an endpoint (EndpointError)
+        _fail(str(e))
+    if search_only:
+        _record()
+        return
+    _run(lambda: enhance_stage(cfg, st, final, source), cfg, st, retry_failed, local)
+
+
+@app.command()
 def search(text: Annotated[str, typer.Argument(help="What to find, in words")],
            store: StoreOpt = None, config: ConfigOpt = None,
            level: Annotated[str, typer.Option(help="clip | segment | video: what is returned (clip: the finest "

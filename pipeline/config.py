@@ -98,6 +98,30 @@ class IndexConfig:
 
 
 @dataclass(frozen=True)
+class EnhanceConfig:
+    """`recap enhance`: CSI (ExCae's caption self-improvement), then its final prompt applied to every video."""
+    level: str = "video"         # clip | segment | video: the units captioned, and the ground truth scored against
+    captioner: str = "local"     # local (the store's ReCap model of the level; a prompt is a decoding recipe) |
+                                 # endpoint (an OpenAI-compatible chat endpoint given frames and the prompt text)
+    engineer: str = "local"      # local (seeded one-field mutations of the best prompt) | endpoint (it rewrites it)
+    endpoint_url: str = ""       # e.g. http://localhost:8000/v1 (a `vllm serve` server)
+    endpoint_model: str = ""     # e.g. Qwen/Qwen2.5-VL-7B-Instruct
+    api_key_env: str = "OPENAI_API_KEY"  # the environment variable holding the endpoint's key (never the key)
+    timeout_s: float = 120.0     # per request
+    retries: int = 2             # further attempts after a timeout or HTTP 429 / 5xx
+    frames: int = 4              # frames per unit shown to the endpoint
+    k: int = 10                  # captions per unit (ExCae: 10)
+    initial: str = ""            # the iteration-0 prompt, a recipe ("method=greedy") or an instruction; empty: the
+                                 # captioner's (sampling at temperature 1, top-p 0.9; ExCae's "Generate 10 captions
+                                 # from different perspectives about this video.")
+    iterations: int = 400        # rewrites at most after the initial prompt (ExCae: about 400)
+    patience: int = 10           # stop after this many rewrites in a row that do not beat the best
+    diversity_weight: float = 1.0  # score = similarity + diversity_weight * diversity
+    sample_size: int = 8         # train videos the search scores prompts on
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     split: str = "test"
     protocols: tuple = ("videorecap", "coco")   # official Video ReCap scoring, and COCO's (PTB tokenizer)
@@ -120,6 +144,7 @@ class Config:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     captions: CaptionConfig = field(default_factory=CaptionConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+    enhance: EnhanceConfig = field(default_factory=EnhanceConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -207,6 +232,11 @@ def _rules() -> dict:
         "index.size": lambda v: None if v in ("", "tiny", "base")
         else "not tiny or base (or empty: the features encoder's size)",
         "index.batch_size": _at_least(1), "index.device": _device,
+        "enhance.level": _choices("clip", "segment", "video"), "enhance.captioner": _choices("local", "endpoint"),
+        "enhance.engineer": _choices("local", "endpoint"), "enhance.timeout_s": _at_least(0, strict=True),
+        "enhance.retries": _at_least(0), "enhance.frames": _at_least(1), "enhance.k": _at_least(1),
+        "enhance.iterations": _at_least(0), "enhance.patience": _at_least(1), "enhance.diversity_weight": _at_least(0),
+        "enhance.sample_size": _at_least(1),
         "evaluate.split": _choices("train", "val", "test"),
         "evaluate.protocols": lambda v: None if v and set(v) <= {"videorecap", "coco"}
         else "must name one or more of videorecap, coco",

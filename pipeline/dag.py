@@ -81,3 +81,41 @@ def index_stage(config: Config, store: Store) -> IndexStage:
     size = i.size or SIZE_OF_ENCODER.get(features.encoder, "base")
     return IndexStage(checkpoint=checkpoint, features=features, captions=captions, encoder=i.encoder, size=size,
                       batch_size=i.batch_size, device=i.device)
+
+
+def enhance_captioner(config: Config, store: Store):
+    """CSI's captioner (enhance.captioner): the level's ReCap model, or the chat endpoint."""
+    from dataclasses import fields, replace
+
+    from stages.enhance import EndpointCaptioner, LocalCaptioner
+
+    e, w = config.enhance, config.windows
+    if e.captioner == "endpoint":
+        return EndpointCaptioner(endpoint=chat_endpoint(config), level=e.level, clip_s=w.clip_s, segment_s=w.segment_s,
+                                 segment_min_tail=w.segment_min_tail, frames=e.frames)
+    stages = build_stages(config, store)
+    found = [s for s in stages[1:] if s.level == e.level]
+    if not found:
+        raise FileNotFoundError(f"no {e.level} checkpoint for enhance.captioner = 'local': run `recap train --level "
+                                f"{e.level}` or set captions.{e.level}_checkpoint (levels below need theirs too)")
+    # The recipe decodes: the stage's own decoding settings are left at their defaults, out of the version.
+    neutral = {f.name: f.default for f in fields(CaptionStage) if f.name in ("method", "num_beams", "top_p")}
+    return LocalCaptioner(replace(found[0], **neutral))
+
+
+def chat_endpoint(config: Config):
+    from stages.chat import ChatEndpoint
+
+    e = config.enhance
+    if not e.endpoint_url or not e.endpoint_model:
+        raise ValueError("enhance.endpoint_url and enhance.endpoint_model must be set for an endpoint captioner or "
+                         "engineer (--endpoint-url http://localhost:8000/v1 --endpoint-model NAME)")
+    return ChatEndpoint(e.endpoint_url, e.endpoint_model, e.api_key_env, e.timeout_s, e.retries)
+
+
+def enhance_stage(config: Config, store: Store, prompt, source: dict | None = None):
+    """`prompt` (CSI's final one) applied to every video: captions/enhanced/<version>/."""
+    from stages.enhance import EnhanceStage
+
+    return EnhanceStage(captioner=enhance_captioner(config, store), prompt=prompt, seed=config.enhance.seed,
+                        source=source or {})

@@ -7,6 +7,8 @@ Layout (relative to the root):
     groundtruth/queries.parquet           retrieval queries, same schema (recap evaluate --task retrieval)
     features/<feature_set>/<video_id>/    Zarr v3 arrays (see store.features)
     captions/<level>/<version>/<video_id>.parquet   every row names its version
+    captions/enhanced/<version>/<video_id>.parquet  K captions per unit under one prompt (recap enhance)
+    enhance/search/<run>/iter-NNNN.json  recap enhance's prompt search, one file per committed iteration
     current/<level>.parquet                the committed rows of each level's current version, one table
     current/versions.json                  which versions those are (see store.current)
     metrics/<name>.parquet                 evaluation results (recap evaluate, the demo)

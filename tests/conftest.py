@@ -103,3 +103,32 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def captioned_store(base: Path, corpus: Path) -> Store:
+    """A real store under `base`: the corpus ingested, a tiny dual encoder pretrained one epoch, its features,
+    every level captioned by tiny random checkpoints (sampled, so captions differ), the settings in the store's
+    recap.toml (commands need only --store)."""
+    import io
+
+    from _checkpoints import tiny_checkpoint
+    from pipeline.config import load_config, record_settings
+    from pipeline.dag import build_stages
+    from pipeline.ingest import ingest_hcap
+    from pipeline.pretrain import latest_encoder, pretrain
+    from pipeline.runner import run_stage
+    from store import LEVELS
+
+    quiet = io.StringIO()
+    store = Store(base / "store")
+    ingest_hcap(store, str(corpus), str(corpus / "videos"))
+    pretrain(load_config(store=store.root, pretrain={"size": "tiny", "epochs": 1, "batch_size": 16, "lr": 1e-3}),
+             store, stream=quiet)
+    checkpoints = {level: str(tiny_checkpoint(base / level, level)) for level in LEVELS}
+    config = load_config(store=store.root, windows={"segment_s": 24.0},
+                         features={"encoder": "tsf-tiny", "batch_size": 8, "checkpoint": latest_encoder(store)},
+                         captions={f"{k}_checkpoint": v for k, v in checkpoints.items()} | {"method": "sample"})
+    record_settings(config, stream=quiet)
+    for stage in build_stages(config, store):
+        assert run_stage(stage, store, executor="local", stream=quiet).failed == 0
+    return store

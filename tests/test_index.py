@@ -19,18 +19,16 @@ import zarr
 
 from models.clip_tokenizer import ClipTokenizer
 from models.lavila import DualEncoder, LavilaConfig
-from pipeline.config import load_config, record_settings, settle
+from pipeline.config import load_config, settle
 from pipeline.dag import build_stages, index_stage
-from pipeline.ingest import ingest_hcap
-from pipeline.pretrain import latest_encoder, pretrain
+from pipeline.pretrain import latest_encoder
 from pipeline.runner import run_stage
 from pipeline.search import SearchIndex, merge_hits, run_search, search
 from stages.index import span_embedding
 from store import LEVELS, Store, captions_rel, read_captions, read_videos
 from store.index import read_index
 
-from _checkpoints import tiny_checkpoint
-from conftest import REPO, copy_store, run_cli
+from conftest import REPO, captioned_store, copy_store, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 QUIET = io.StringIO()
@@ -39,18 +37,8 @@ QUIET = io.StringIO()
 @pytest.fixture(scope="module")
 def indexed(tmp_path_factory, tiny_corpus):
     """The store, its settings in its recap.toml (so commands need only --store), every stage run and indexed."""
-    base = tmp_path_factory.mktemp("index")
-    store = Store(base / "store")
-    ingest_hcap(store, str(tiny_corpus), str(tiny_corpus / "videos"))
-    pretrain(load_config(store=store.root, pretrain={"size": "tiny", "epochs": 1, "batch_size": 16, "lr": 1e-3}),
-             store, stream=QUIET)
-    checkpoints = {level: str(tiny_checkpoint(base / level, level)) for level in LEVELS}
-    config = load_config(store=store.root, windows={"segment_s": 24.0},
-                         features={"encoder": "tsf-tiny", "batch_size": 8, "checkpoint": latest_encoder(store)},
-                         captions={f"{k}_checkpoint": v for k, v in checkpoints.items()} | {"method": "sample"})
-    record_settings(config, stream=QUIET)
-    for stage in build_stages(config, store):
-        assert run_stage(stage, store, executor="local", stream=QUIET).failed == 0
+    store = captioned_store(tmp_path_factory.mktemp("index"), tiny_corpus)
+    config = settle(store.root, None, record=False)
     assert run_stage(index_stage(config, store), store, executor="local", stream=QUIET).done == 6
     return store.root
 
