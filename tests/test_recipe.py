@@ -46,7 +46,7 @@ def ray_head():
                              "--dashboard-port", str(dashboard), "--temp-dir", temp],
                             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{dashboard}"
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 420  # under load a 2-core machine has taken more than 180 s
     ready = [str(ray), "job", "submit", "--address", url, "--", "true"]  # the job agent too, not just the API
     while subprocess.run(ready, env=env, capture_output=True).returncode:
         if time.monotonic() > deadline or proc.poll() is not None:
