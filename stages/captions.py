@@ -151,9 +151,9 @@ class CaptionStage(Stage):
         device, tok = self.device, self.tokenizer_model
         max_text = min(512, self.model.config.n_positions)  # official: 512, under GPT-2's 1024 positions
         batch = {k: v.to(device) for k, v in collate(examples, tok, max_text_tokens=max_text).items()}
-        queries = self.model.map_features(batch["video"], batch.get("video_mask"), batch.get("text_ids"),
-                                          batch.get("text_mask"))
-        out = generate(self.model.text_decoder, queries, bos_id=tok.bos_id, eos_id=tok.eos_id,
+        context, mask = self.model.decoder_context(batch["video"], batch.get("video_mask"), batch.get("text_ids"),
+                                                   batch.get("text_mask"))
+        out = generate(self.model.text_decoder, context, queries_mask=mask, bos_id=tok.bos_id, eos_id=tok.eos_id,
                        max_new_tokens=self.model.config.max_gen_tokens - 1, method=self.method,
                        num_beams=self.num_beams, top_p=self.top_p, generator=torch.Generator(device).manual_seed(0),
                        tokenizer=tok)
