@@ -132,3 +132,17 @@ def captioned_store(base: Path, corpus: Path) -> Store:
     for stage in build_stages(config, store):
         assert run_stage(stage, store, executor="local", stream=quiet).failed == 0
     return store
+
+
+def kill_at_first_epoch(proc: subprocess.Popen, run_dir: Path, log: Path, timeout_s: float) -> list[str]:
+    """SIGKILL a training command as soon as its first epoch folder appears; the epoch folders left."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not any(run_dir.glob("epoch-*")):
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return sorted(p.name for p in run_dir.glob("epoch-*"))

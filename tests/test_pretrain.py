@@ -3,10 +3,8 @@ contrastive loss, a killed run resuming to an uninterrupted one's weights, and t
 
 import io
 import math
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +22,7 @@ from pipeline.runner import run_stage
 from stages.pretrain import contrastive_loss, recall_at_1
 from store import FeatureSet, Store
 
-from conftest import REPO, copy_store
+from conftest import REPO, copy_store, kill_at_first_epoch
 
 SETTINGS = {"size": "tiny", "epochs": 2, "batch_size": 16, "lr": 1e-3}
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
@@ -104,14 +102,7 @@ def test_killed_run_resumes_after_its_last_epoch_to_the_uninterrupted_weights(in
     args = ["pretrain", "--store", killed.root, "--size", "tiny", "--epochs", str(epochs), "--batch-size", "16",
             "--lr", "0.001"]
     with open(tmp_path / "first.log", "w") as log:
-        proc = recap(*args, stderr=log)
-        deadline = time.monotonic() + 300
-        while not any(run_dir.glob("epoch-*")):
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    committed = sorted(p.name for p in run_dir.glob("epoch-*"))
+        committed = kill_at_first_epoch(recap(*args, stderr=log), run_dir, tmp_path / "first.log", 300)
     assert len(committed) == 1 and committed[0] < f"epoch-{epochs:04d}"
 
     resumed = recap(*args)

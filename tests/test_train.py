@@ -5,10 +5,8 @@ ReCap-U, the official freezing policy, and Ray Train with two workers."""
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +30,7 @@ from models.training import load_init, query_rows, set_trainable
 from stages.train import epoch_batches, param_groups
 from store import CAPTION_SCHEMA, Store, captions_rel, read_groundtruth
 
-from conftest import REPO, copy_store
+from conftest import REPO, copy_store, kill_at_first_epoch
 
 TRAIN = {"size": "tiny", "freeze": "none", "epochs": 3, "batch_size": 8, "lr": 1e-3}
 REFERENCE = REPO / "tests" / "data" / "reference"
@@ -124,14 +122,7 @@ def test_killed_run_resumes_after_its_last_epoch_and_ends_as_an_uninterrupted_on
     toml = config_file(tmp_path / "train.toml", killed, epochs=epochs)
     run_dir = Path(killed.abs(uninterrupted.checkpoint)).parent  # same settings and data: same run name
     with open(tmp_path / "first.log", "w") as log:
-        proc = recap("train", "--config", str(toml), stderr=log)
-        deadline = time.monotonic() + 120
-        while not any(run_dir.glob("epoch-*")):
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    committed = sorted(p.name for p in run_dir.glob("epoch-*"))
+        committed = kill_at_first_epoch(recap("train", "--config", str(toml), stderr=log), run_dir, tmp_path / "first.log", 120)
     assert len(committed) == 1 and committed[0] < f"epoch-{epochs:04d}"
 
     resumed = recap("train", "--config", str(toml))
