@@ -356,13 +356,18 @@ def search(text: Annotated[str, typer.Argument(help="What to find, in words")],
            level: Annotated[str, typer.Option(help="clip | segment | video: what is returned (clip: the finest "
                                                    "spans, adjacent hits merged)")] = "clip",
            top: Annotated[int, typer.Option(help="Rows returned")] = 10,
+           fusion: Annotated[str, typer.Option(help="mean (a row's caption and video embeddings) | ecs (videos and "
+                                                    "segments by the newest `recap ecs` model of this index)")]
+           = "mean",
            json_out: Annotated[bool, typer.Option("--json", help="A JSON list on stdout instead of the table")] = False):
     """Ranked spans of the indexed videos for a text query: videos, then their segments, then their clips."""
     from pipeline.search import format_results, run_search
 
     cfg = _load(store, config, record=False)
+    if fusion not in ("mean", "ecs"):
+        _fail(f"--fusion takes mean or ecs, got {fusion!r}")
     try:
-        rows = run_search(cfg, Store(cfg.store), text, level, top)
+        rows = run_search(cfg, Store(cfg.store), text, level, top, fusion)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     if json_out:
@@ -425,16 +430,21 @@ def pretrain(store: StoreOpt = None, config: ConfigOpt = None,
              epochs: Annotated[Optional[int], typer.Option(help="Epochs " + _setting("pretrain.epochs"))] = None,
              batch_size: Annotated[Optional[int], typer.Option(help="Narrations per contrastive batch, over all "
                                                                "workers " + _setting("pretrain.batch_size"))] = None,
+             span_batch_size: Annotated[Optional[int], typer.Option(
+                 help="Segment descriptions or video summaries per batch, paired with their windows' pooled "
+                      "embedding; 0 = clip narrations only " + _setting("pretrain.span_batch_size"))] = None,
              lr: Annotated[Optional[float], typer.Option(help="Peak learning rate "
                                                          + _setting("pretrain.lr"))] = None,
              workers: Annotated[Optional[int], typer.Option(help="Ray Train workers (DDP); 1 = this process "
                                                             + _setting("pretrain.workers"))] = None,
              address: AddressOpt = None):
-    """Contrastive video-text training of the LaViLa dual encoder on the train split's clip narrations
-    (resumable per epoch); `features --checkpoint` then reads its visual tower."""
+    """Contrastive video-text training of the LaViLa dual encoder on the train split's clip narrations,
+    segment descriptions and video summaries (resumable per epoch); `features --checkpoint` then reads its
+    visual tower."""
     from pipeline.pretrain import pretrain as run_pretrain
 
-    settings = {"size": size, "init": init, "epochs": epochs, "batch_size": batch_size, "lr": lr, "workers": workers}
+    settings = {"size": size, "init": init, "epochs": epochs, "batch_size": batch_size,
+                "span_batch_size": span_batch_size, "lr": lr, "workers": workers}
     cfg = _load(store, config, pretrain={k: v for k, v in settings.items() if v is not None},
                 run={"address": address} if address else None)
     try:
@@ -501,6 +511,43 @@ def _evaluate_retrieval(cfg, json_out: bool) -> None:
         _print_json({"store": cfg.store, "split": cfg.evaluate.split, "task": "retrieval",
                      "index_version": result["version"].iloc[0], "metrics_file": result.attrs["path"],
                      "metrics": json.loads(result.drop(columns=["version", "split"]).to_json(orient="records"))})
+
+
+@app.command()
+def ecs(store: StoreOpt = None, config: ConfigOpt = None,
+        enhanced: Annotated[Optional[list[str]], typer.Option(help="An enhanced caption version (repeatable; each is "
+                                                               "an arm, the last feeds ECS) "
+                                                               + _setting("ecs.enhanced", "none"))] = None,
+        experts: Annotated[Optional[int], typer.Option(help="Experts " + _setting("ecs.experts"))] = None,
+        active: Annotated[Optional[int], typer.Option(help="Active experts per unit; 0 = mean fusion "
+                                                      + _setting("ecs.active"))] = None,
+        eval_routing: Annotated[Optional[str], typer.Option(help="topk | dense " + _setting("ecs.eval_routing"))]
+        = None,
+        k: Annotated[Optional[int], typer.Option("--k", "-k", help="Enhanced captions per unit used "
+                                                 + _setting("ecs.k"))] = None,
+        epochs: Annotated[Optional[int], typer.Option(help="Epochs " + _setting("ecs.epochs"))] = None,
+        json_out: JsonOpt = False):
+    """ExCae's expertized caption selection: train the expert mixture on the train split's queries, then rank the
+    test split's videos and segments by it and by the arms it builds on (windows, + captions, + enhanced)."""
+    import sys
+
+    from pipeline.ecs import format_table, run_ecs
+
+    settings = {"enhanced": tuple(enhanced) if enhanced else None, "experts": experts, "active": active,
+                "eval_routing": eval_routing, "k": k, "epochs": epochs}
+    cfg = _load(store, config, ecs={k: v for k, v in settings.items() if v is not None})
+    try:
+        table = run_ecs(cfg, Store(cfg.store))
+        _record()
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        _fail(str(e))
+    if json_out:
+        import json
+
+        _print_json({"store": cfg.store, "metrics_file": table.attrs["path"],
+                     "arms": json.loads(table.to_json(orient="records"))})
+    else:
+        print(format_table(table), file=sys.stdout)
 
 
 @app.command()

@@ -65,6 +65,8 @@ class PretrainConfig:
     init: str = ""               # a LaViLa .pth to start from; empty = fresh weights
     epochs: int = 5
     batch_size: int = 32         # narrations per contrastive batch, over all workers
+    span_batch_size: int = 16    # segment descriptions or video summaries per batch, paired with their windows'
+                                 # pooled embedding; 0 = clip narrations only
     lr: float = 3e-5
     weight_decay: float = 0.01
     warmup_frac: float = 0.05
@@ -122,6 +124,23 @@ class EnhanceConfig:
 
 
 @dataclass(frozen=True)
+class EcsSettings:
+    """`recap ecs`: ExCae's expertized caption selection, trained on the train split's queries."""
+    experts: int = 8             # experts in the mixture
+    active: int = 2              # experts per unit in training (top-k); 0 = mean fusion
+    eval_routing: str = "topk"   # topk (as trained) | dense (every expert, the router's softmax)
+    k: int = 10                  # enhanced captions per unit used
+    enhanced: tuple = ()         # enhanced caption versions (captions/enhanced/<version>); the last feeds ECS
+    epochs: int = 40
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    temperature: float = 0.05
+    balance_weight: float = 0.01  # the load-balancing term's weight
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     split: str = "test"
     protocols: tuple = ("videorecap", "coco")   # official Video ReCap scoring, and COCO's (PTB tokenizer)
@@ -145,6 +164,7 @@ class Config:
     captions: CaptionConfig = field(default_factory=CaptionConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     enhance: EnhanceConfig = field(default_factory=EnhanceConfig)
+    ecs: EcsSettings = field(default_factory=EcsSettings)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -222,7 +242,12 @@ def _rules() -> dict:
         "train.lower": _choices("predicted", "groundtruth"), "train.vocab_size": _at_least(8),
         "train.workers": _at_least(1),
         "pretrain.size": _choices("base", "tiny"), "pretrain.epochs": _at_least(1),
-        "pretrain.batch_size": _at_least(2), "pretrain.lr": _at_least(0, strict=True),
+        "pretrain.batch_size": _at_least(2),
+        "ecs.experts": _at_least(1), "ecs.active": _at_least(0), "ecs.eval_routing": _choices("topk", "dense"),
+        "ecs.k": _at_least(1), "ecs.epochs": _at_least(1), "ecs.batch_size": _at_least(2),
+        "ecs.lr": _at_least(0, strict=True), "ecs.temperature": _at_least(0, strict=True),
+        "ecs.balance_weight": _at_least(0),
+        "pretrain.span_batch_size": lambda v: None if v == 0 or v >= 2 else "must be 0 (off) or >= 2", "pretrain.lr": _at_least(0, strict=True),
         "pretrain.weight_decay": _at_least(0), "pretrain.warmup_frac": _fraction, "pretrain.grad_clip": _at_least(0),
         "pretrain.workers": _at_least(1),
         "captions.method": _choices("greedy", "beam", "sample"), "captions.num_beams": _at_least(1),

@@ -59,6 +59,18 @@ class SearchIndex:
                    start=t["start_s"].to_numpy(), end=t["end_s"].to_numpy(), caption=t["caption"].combine_chunks(),
                    joint=joint)
 
+    def use_fused(self, fused: pa.Table) -> None:
+        """Score the video and segment rows by the given unit embeddings (video_id, level, start_s, end_s,
+        embedding), ECS's: those rows' `joint` becomes their unit's embedding; rows without one keep theirs."""
+        position = {(vid, LEVELS.index(lv), round(s, 3), round(e, 3)): i for i, (vid, lv, s, e) in enumerate(zip(
+            *(fused[c].to_pylist() for c in ("video_id", "level", "start_s", "end_s"))))}
+        embedding = fused["embedding"].combine_chunks().flatten().to_numpy().reshape(len(fused), -1)
+        for r in np.flatnonzero(self.level != CLIP):
+            i = position.get((self.video_ids[self.video[r]], int(self.level[r]), round(float(self.start[r]), 3),
+                              round(float(self.end[r]), 3)))
+            if i is not None:
+                self.joint[r] = embedding[i]
+
 
 def exact_scores(matrix: np.ndarray, query: np.ndarray) -> np.ndarray:
     """matrix (rows, E) float16 times query (E,), in float32, exactly. One thread: the product is bound by
@@ -153,12 +165,18 @@ def _video_row(index: SearchIndex, v: int, score: float) -> dict:
             "end_s": float(index.end[rows].max()), "level": "video", "caption": "", "score": score}
 
 
-def run_search(config: Config, store: Store, text: str, level: str = "clip", top: int = 10) -> list[dict]:
-    """The query against the index version the store's settings make current, with that index's text tower."""
+def run_search(config: Config, store: Store, text: str, level: str = "clip", top: int = 10,
+               fusion: str = "mean") -> list[dict]:
+    """The query against the index version the store's settings make current, with that index's text tower;
+    fusion "ecs": video and segment rows scored by the newest ECS model's embeddings of their units."""
     from pipeline.dag import index_stage
 
     stage = index_stage(config, store)
     index = SearchIndex.from_rows(read_index(store, stage.version()))
+    if fusion == "ecs":
+        from pipeline.ecs import latest_fused
+
+        index.use_fused(latest_fused(store, stage.version()))
     stage.model, stage.tokenizer = stage.load_encoder()
     return search(index, stage.embed_texts([text])[0], level, top)
 
