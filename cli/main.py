@@ -430,9 +430,11 @@ def pretrain(store: StoreOpt = None, config: ConfigOpt = None,
              epochs: Annotated[Optional[int], typer.Option(help="Epochs " + _setting("pretrain.epochs"))] = None,
              batch_size: Annotated[Optional[int], typer.Option(help="Narrations per contrastive batch, over all "
                                                                "workers " + _setting("pretrain.batch_size"))] = None,
+             text_epochs: Annotated[Optional[int], typer.Option(
+                 help="Then epochs of the text tower alone (visual tower kept) on narrations, segment descriptions "
+                      "and summaries; 0 = none " + _setting("pretrain.text_epochs"))] = None,
              span_batch_size: Annotated[Optional[int], typer.Option(
-                 help="Segment descriptions or video summaries per batch, paired with their windows' pooled "
-                      "embedding; 0 = clip narrations only " + _setting("pretrain.span_batch_size"))] = None,
+                 help="Descriptions or summaries per text-epoch batch " + _setting("pretrain.span_batch_size"))] = None,
              lr: Annotated[Optional[float], typer.Option(help="Peak learning rate "
                                                          + _setting("pretrain.lr"))] = None,
              workers: Annotated[Optional[int], typer.Option(help="Ray Train workers (DDP); 1 = this process "
@@ -444,7 +446,7 @@ def pretrain(store: StoreOpt = None, config: ConfigOpt = None,
     from pipeline.pretrain import pretrain as run_pretrain
 
     settings = {"size": size, "init": init, "epochs": epochs, "batch_size": batch_size,
-                "span_batch_size": span_batch_size, "lr": lr, "workers": workers}
+                "text_epochs": text_epochs, "span_batch_size": span_batch_size, "lr": lr, "workers": workers}
     cfg = _load(store, config, pretrain={k: v for k, v in settings.items() if v is not None},
                 run={"address": address} if address else None)
     try:

@@ -65,8 +65,10 @@ class PretrainConfig:
     init: str = ""               # a LaViLa .pth to start from; empty = fresh weights
     epochs: int = 5
     batch_size: int = 32         # narrations per contrastive batch, over all workers
-    span_batch_size: int = 16    # segment descriptions or video summaries per batch, paired with their windows'
-                                 # pooled embedding; 0 = clip narrations only
+    text_epochs: int = 3         # then epochs of the text tower and projections alone (the visual tower kept):
+                                 # narrations, segment descriptions and summaries; 0 = none
+    span_batch_size: int = 16    # descriptions or summaries per text-epoch batch, each with its windows' pooled
+                                 # embedding
     lr: float = 3e-5
     weight_decay: float = 0.01
     warmup_frac: float = 0.05
@@ -247,7 +249,8 @@ def _rules() -> dict:
         "ecs.k": _at_least(1), "ecs.epochs": _at_least(1), "ecs.batch_size": _at_least(2),
         "ecs.lr": _at_least(0, strict=True), "ecs.temperature": _at_least(0, strict=True),
         "ecs.balance_weight": _at_least(0),
-        "pretrain.span_batch_size": lambda v: None if v == 0 or v >= 2 else "must be 0 (off) or >= 2", "pretrain.lr": _at_least(0, strict=True),
+        "pretrain.span_batch_size": _at_least(2), "pretrain.text_epochs": _at_least(0),
+        "pretrain.lr": _at_least(0, strict=True),
         "pretrain.weight_decay": _at_least(0), "pretrain.warmup_frac": _fraction, "pretrain.grad_clip": _at_least(0),
         "pretrain.workers": _at_least(1),
         "captions.method": _choices("greedy", "beam", "sample"), "captions.num_beams": _at_least(1),

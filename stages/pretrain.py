@@ -1,5 +1,14 @@
 """Contrastive video-text pretraining of the LaViLa dual encoder: the loop one worker runs.
 
+Two phases. The first `epochs` train both towers on the clip narrations, each with its window. The next
+`text_epochs` keep the visual tower as it is (its CLS of every train window computed once) and train the text
+tower, the projections and the temperature on the narrations and on the train segment descriptions and video
+summaries, each paired with the mean of its windows' unit embeddings, renormalised: the index's video embedding
+of a span (stages.index). Without the second phase the text tower never reads a place or an activity word. As
+the visual tower does not change in it, the features, and so the captions, are those of the first phase alone.
+Each phase has its own warm-up and cosine decay; a text epoch's steps are the narration batches and the batches
+of each span level, in a seeded random order.
+
 `pipeline.pretrain` resolves the narrations into a `PretrainPlan`; `pretrain_worker(plan)` runs the remaining
 epochs here, or as one of several Ray Train workers (DDP; the contrastive batch is gathered across workers, as
 LaViLa does, so every worker scores its videos against every worker's texts).
@@ -21,7 +30,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import numpy as np
@@ -35,7 +44,7 @@ from models.encoders import LAVILA_MEAN, LAVILA_STD
 from models.clip_tokenizer import ClipTokenizer
 from models.lavila import DualEncoder, LavilaConfig
 from stages.decode import WindowReader
-from stages.train import optimization, write_curves
+from stages.train import optimization, warmup_cosine, write_curves
 from store import Store, commit_epoch, epoch_dir, last_epoch
 
 FRAME_CACHE_BYTES = 4 << 30  # per worker: decoded windows stay in memory up to this much, then are decoded again
@@ -53,6 +62,15 @@ class Narration:
     text: str
 
 
+@dataclass(frozen=True)
+class SpanText:
+    """A segment description or video summary and the train narrations whose windows lie inside its span."""
+
+    level: str
+    text: str
+    windows: tuple[int, ...]   # indices into PretrainPlan.train
+
+
 @dataclass
 class PretrainPlan:
     store: str
@@ -62,6 +80,8 @@ class PretrainPlan:
     init_from: str | None          # a LaViLa .pth to start from
     train: list[Narration]
     val: list[Narration]
+    spans: list[SpanText] = field(default_factory=list)
+    val_spans: list[SpanText] = field(default_factory=list)   # windows index `val`
 
 
 class WindowFrames:
@@ -119,14 +139,21 @@ def recall_at_1(video: torch.Tensor, text: torch.Tensor) -> float:
 
 
 class BothTowers(nn.Module):
-    """One forward for both towers and the temperature, so DDP sees every parameter used in its forward."""
+    """One forward for both towers and the temperature, so DDP sees the parameters used in its forward. The video
+    side is a batch of windows' pixels, or (span pairs) the stored CLS of all windows and each span's indices."""
 
     def __init__(self, model: DualEncoder):
         super().__init__()
         self.model = model
 
-    def forward(self, pixels: torch.Tensor, ids: torch.Tensor):
-        return self.model.encode_video(pixels), self.model.encode_text(ids), self.model.logit_scale
+    def forward(self, ids: torch.Tensor, pixels: torch.Tensor | None = None, cls: torch.Tensor | None = None,
+                spans: list[list[int]] | None = None):
+        if pixels is not None:
+            video = self.model.encode_video(pixels)
+        else:
+            video = torch.stack([F.normalize(self.model.embed_video_cls(cls[w]).mean(0), dim=-1) for w in spans])
+        # a copy, not the leaf: DDP with find_unused_parameters would mark a returned leaf ready twice
+        return video, self.model.encode_text(ids), self.model.logit_scale.clone()
 
 
 def pretrain_worker(plan: PretrainPlan, stream=None) -> None:
@@ -142,16 +169,24 @@ class PretrainTrainer:
         self.start = last_epoch(self.store, plan.run_dir)
         self.model = self._model().to(self.device)
         pair = BothTowers(self.model)
-        self.net = DistributedDataParallel(pair) if self.world > 1 else pair
+        # text-phase steps leave the visual tower without gradients
+        self.net = DistributedDataParallel(pair, find_unused_parameters=self.s.text_epochs > 0) \
+            if self.world > 1 else pair
         self.tokenizer = ClipTokenizer()
         visual = self.model.config.vision
         self.frames = {split: WindowFrames(items, visual.num_frames, visual.img_size)
                        for split, items in (("train", plan.train), ("val", plan.val))}
         self.mean, self.std = (torch.tensor(v, device=self.device).view(1, 1, 3, 1, 1)
                                for v in (LAVILA_MEAN, LAVILA_STD))
-        self.steps_per_epoch = len(self.batches(1))
-        self.optimizer, self.scheduler, self.history = optimization(self.model, self.s, self.steps_per_epoch,
-                                                                    self.store, plan.run_dir, self.start)
+        self.epochs = self.s.epochs + self.s.text_epochs
+        self.steps = (len(self.batches(1)), len(self.batches(self.s.epochs + 1)) if self.s.text_epochs else 0)
+        joint, text = (warmup_cosine(steps * epochs, self.s.warmup_frac)
+                       for steps, epochs in zip(self.steps, (self.s.epochs, self.s.text_epochs)))
+        first_phase = self.steps[0] * self.s.epochs
+        self.optimizer, self.scheduler, self.history = optimization(
+            self.model, self.s, self.steps[0], self.store, plan.run_dir, self.start,
+            factor=lambda step: joint(step) if step < first_phase else text(step - first_phase))
+        self.cls = None  # the text phase's CLS of every train window
 
     def say(self, line: str) -> None:
         if self.rank == 0:
@@ -168,37 +203,79 @@ class PretrainTrainer:
         torch.manual_seed(self.s.seed)
         return DualEncoder(LavilaConfig.from_dict(self.plan.model))
 
-    def batches(self, epoch: int) -> list[list[int]]:
-        """Global batches of an epoch, the same on every rank; a last batch smaller than the world is dropped."""
-        order = np.random.default_rng([self.s.seed, epoch]).permutation(len(self.plan.train))
-        chunks = [order[i:i + self.s.batch_size].tolist() for i in range(0, len(order), self.s.batch_size)]
-        return [c for c in chunks if len(c) >= max(2, self.world)]
+    def text_phase(self, epoch: int) -> bool:
+        return epoch > self.s.epochs
+
+    def first_step(self, epoch: int) -> int:
+        """Steps taken before `epoch`."""
+        joint = min(epoch - 1, self.s.epochs)
+        return joint * self.steps[0] + (epoch - 1 - joint) * self.steps[1]
+
+    def batches(self, epoch: int) -> list[tuple[str, list[int]]]:
+        """Global batches of an epoch, the same on every rank: ("clip", narration indices), and in the text phase
+        (level, span indices) too, in a seeded order; a last batch smaller than the world (or than 2) is dropped."""
+        rng = np.random.default_rng([self.s.seed, epoch])
+        groups = {"clip": np.arange(len(self.plan.train))}
+        for i, span in enumerate(self.plan.spans if self.text_phase(epoch) else []):
+            groups.setdefault(span.level, []).append(i)
+        out = []
+        for kind, items in groups.items():
+            order = rng.permutation(np.asarray(items))
+            size = self.s.batch_size if kind == "clip" else self.s.span_batch_size
+            out += [(kind, order[i:i + size].tolist()) for i in range(0, len(order), size)]
+        # every worker gathers as many rows as the others: a batch is cut to a multiple of the world
+        out = [(kind, c[:len(c) - len(c) % self.world]) for kind, c in out if len(c) >= max(2, self.world)]
+        return [out[i] for i in rng.permutation(len(out))] if self.text_phase(epoch) else out
+
+    def pixels(self, split: str, indices) -> torch.Tensor:
+        pixels = torch.from_numpy(np.stack([self.frames[split][i] for i in indices])).to(self.device)
+        return (pixels.permute(0, 1, 4, 2, 3).float() - self.mean) / self.std  # (B, T, C, H, W)
+
+    def ids(self, texts: list[str]) -> torch.Tensor:
+        return self.tokenizer(texts, self.model.config.context_length).to(self.device)
 
     def embed(self, split: str, indices: list[int], net) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        pixels = torch.from_numpy(np.stack([self.frames[split][i] for i in indices])).to(self.device)
-        pixels = (pixels.permute(0, 1, 4, 2, 3).float() - self.mean) / self.std  # (B, T, C, H, W)
         narrations = self.plan.train if split == "train" else self.plan.val
-        ids = self.tokenizer([narrations[i].text for i in indices], self.model.config.context_length)
-        return net(pixels, ids.to(self.device))
+        return net(self.ids([narrations[i].text for i in indices]), pixels=self.pixels(split, indices))
+
+    @torch.no_grad()
+    def window_cls(self) -> torch.Tensor:
+        """The visual tower's CLS of every train window (N, width), for the text phase."""
+        self.model.eval()
+        n, size = len(self.plan.train), self.s.batch_size
+        return torch.cat([self.model.visual(self.pixels("train", range(i, min(i + size, n))))
+                          for i in range(0, n, size)])
 
     def run(self) -> None:
         if self.rank == 0:
             self.store.remove_temporaries(self.plan.run_dir)
         params = sum(p.numel() for p in self.model.parameters())
+        text = (f" + {self.steps[1]} x {self.s.text_epochs} text epochs ({len(self.plan.spans)} descriptions and "
+                f"summaries)" if self.s.text_epochs else "")
         self.say(f"{len(self.plan.train)} narrations ({len(self.plan.val)} val); {params / 1e6:.2f} M parameters; "
-                 f"{self.steps_per_epoch} steps x {self.s.epochs} epochs on {self.world} worker(s), {self.device}")
+                 f"{self.steps[0]} steps x {self.s.epochs} epochs{text} on {self.world} worker(s), {self.device}")
         self.clock, self.steps_done, self.last_print = time.monotonic(), 0, time.monotonic()
-        for epoch in range(self.start + 1, self.s.epochs + 1):
+        for epoch in range(self.start + 1, self.epochs + 1):
             loss = self.train_epoch(epoch)
             if self.rank == 0:
                 self.end_epoch(epoch, loss)
 
     def train_epoch(self, epoch: int) -> float:
         torch.manual_seed(int(np.random.SeedSequence([self.s.seed, epoch, self.rank]).generate_state(1)[0]))
+        text_phase = self.text_phase(epoch)
+        if text_phase and self.cls is None:
+            self.cls = self.window_cls()
         self.net.train()
         losses = []
-        for step, indices in enumerate(self.batches(epoch), 1):
-            video, text, logit_scale = self.embed("train", indices[self.rank::self.world], self.net)
+        for step, (kind, batch) in enumerate(self.batches(epoch), 1):
+            indices = batch[self.rank::self.world]
+            if not text_phase:
+                video, text, logit_scale = self.embed("train", indices, self.net)
+            else:
+                pairs = [(self.plan.train[i].text, [i]) for i in indices] if kind == "clip" else \
+                    [(self.plan.spans[i].text, list(self.plan.spans[i].windows)) for i in indices]
+                video, text, logit_scale = self.net(self.ids([t for t, _ in pairs]), cls=self.cls,
+                                                    spans=[w for _, w in pairs])
             loss = contrastive_loss(gather(video), gather(text), logit_scale)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -208,8 +285,9 @@ class PretrainTrainer:
             with torch.no_grad():
                 self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
             losses.append(loss.item())
-            self.history.append({"epoch": epoch, "step": (epoch - 1) * self.steps_per_epoch + step,
-                                 "split": "train", "level": "encoder", "loss": losses[-1],
+            self.history.append({"epoch": epoch, "step": self.first_step(epoch) + step,
+                                 "split": "train", "level": "encoder" if kind == "clip" else f"encoder-{kind}",
+                                 "loss": losses[-1],
                                  "lr": self.scheduler.get_last_lr()[0]})
             self.progress(epoch, step, losses[-1])
         return float(np.mean(losses))
@@ -221,13 +299,15 @@ class PretrainTrainer:
             return
         self.last_print = now
         rate = self.steps_done / (now - self.clock)
-        left = (self.s.epochs - epoch + 1) * self.steps_per_epoch - step
-        self.say(f"epoch {epoch}/{self.s.epochs} | step {step}/{self.steps_per_epoch} | loss {loss:.4f} | "
+        left = self.first_step(self.epochs + 1) - self.first_step(epoch) - step
+        steps = self.steps[self.text_phase(epoch)]
+        self.say(f"epoch {epoch}/{self.epochs} | step {step}/{steps} | loss {loss:.4f} | "
                  f"{rate:.1f} it/s | ETA {timedelta(seconds=round(left / rate))}")
 
     @torch.no_grad()
-    def validate(self) -> tuple[float, float]:
-        """The contrastive loss over val batches, and text-to-video R@1 among all val windows."""
+    def validate(self) -> tuple[float, float, dict[str, float]]:
+        """The contrastive loss over val batches, text-to-video R@1 among all val windows, and per span level
+        R@1 of its texts among its spans' pooled embeddings."""
         self.model.eval()
         videos, texts = [], []
         for i in range(0, len(self.plan.val), self.s.batch_size):
@@ -238,12 +318,17 @@ class PretrainTrainer:
         video, text = torch.cat(videos), torch.cat(texts)
         loss = float(np.mean([contrastive_loss(v, t, self.model.logit_scale).item()
                               for v, t in zip(videos, texts) if len(v) > 1] or [float("nan")]))
-        return loss, recall_at_1(video, text)
+        span_r1 = {}
+        for level in dict.fromkeys(s.level for s in self.plan.val_spans):
+            spans = [s for s in self.plan.val_spans if s.level == level]
+            pooled = torch.stack([F.normalize(video[list(s.windows)].mean(0), dim=-1) for s in spans])
+            span_r1[level] = recall_at_1(pooled, self.model.encode_text(self.ids([s.text for s in spans])))
+        return loss, recall_at_1(video, text), span_r1
 
     def end_epoch(self, epoch: int, train_loss: float) -> None:
-        val_loss, r1 = self.validate() if self.plan.val else (float("nan"), float("nan"))
+        val_loss, r1, span_r1 = self.validate() if self.plan.val else (float("nan"), float("nan"), {})
         if self.plan.val:
-            self.history.append({"epoch": epoch, "step": epoch * self.steps_per_epoch, "split": "val",
+            self.history.append({"epoch": epoch, "step": self.first_step(epoch + 1), "split": "val",
                                  "level": "encoder", "loss": val_loss, "lr": self.scheduler.get_last_lr()[0]})
         state = {"epoch": epoch, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "history": self.history}
@@ -255,6 +340,7 @@ class PretrainTrainer:
 
         rel = commit_epoch(self.store, self.plan.run_dir, epoch, write)
         write_curves(self.store, self.plan.run_dir, self.history)
-        self.say(f"epoch {epoch}/{self.s.epochs} | train loss {train_loss:.4f} | val loss {val_loss:.4f} | "
+        self.say(f"epoch {epoch}/{self.epochs}{' (text)' if self.text_phase(epoch) else ''} | train loss {train_loss:.4f} | val loss {val_loss:.4f} | "
                  f"val text-to-video R@1 {100 * r1:.1f}% of {len(self.plan.val)} | "
+                 + "".join(f"{level} {100 * r:.1f}% | " for level, r in span_r1.items()) +
                  f"{timedelta(seconds=round(time.monotonic() - self.clock))} | saved {rel}")

@@ -45,11 +45,14 @@ HISTORY_SCHEMA = pa.schema([("epoch", pa.int64()), ("step", pa.int64()), ("split
 
 # ---- optimisation ---------------------------------------------------------------
 
-def optimization(model: torch.nn.Module, s, steps_per_epoch: int, store: Store, run_dir: str, start: int):
-    """AdamW over `param_groups`, warm-up then cosine over the whole run, and the loss history; resumed from
-    epoch `start`'s train_state.pt when start > 0. `s` holds lr, weight_decay, epochs and warmup_frac."""
+def optimization(model: torch.nn.Module, s, steps_per_epoch: int, store: Store, run_dir: str, start: int,
+                 factor=None):
+    """AdamW over `param_groups`, warm-up then cosine over the whole run (or the LR `factor` of each step), and
+    the loss history; resumed from epoch `start`'s train_state.pt when start > 0. `s` holds lr, weight_decay,
+    epochs and warmup_frac."""
     optimizer = torch.optim.AdamW(param_groups(model, s.weight_decay), lr=s.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps_per_epoch * s.epochs, s.warmup_frac))
+    factor = factor or warmup_cosine(steps_per_epoch * s.epochs, s.warmup_frac)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     if not start:
         return optimizer, scheduler, []
     state = torch.load(store.abs(f"{epoch_dir(run_dir, start)}/train_state.pt"), weights_only=True)

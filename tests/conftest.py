@@ -122,8 +122,8 @@ def captioned_store(base: Path, corpus: Path) -> Store:
     quiet = io.StringIO()
     store = Store(base / "store")
     ingest_hcap(store, str(corpus), str(corpus / "videos"))
-    pretrain(load_config(store=store.root, pretrain={"size": "tiny", "epochs": 1, "batch_size": 16, "lr": 1e-3}),
-             store, stream=quiet)
+    settings = {"size": "tiny", "epochs": 1, "text_epochs": 1, "batch_size": 16, "lr": 1e-3}
+    pretrain(load_config(store=store.root, pretrain=settings), store, stream=quiet)
     checkpoints = {level: str(tiny_checkpoint(base / level, level)) for level in LEVELS}
     config = load_config(store=store.root, windows={"segment_s": 24.0},
                          features={"encoder": "tsf-tiny", "batch_size": 8, "checkpoint": latest_encoder(store)},
