@@ -91,7 +91,15 @@ def one_store(root: str) -> dict:
             table, _, _ = ablation(store, rows, stage.embed_texts, s, say=say)
             active_rows.append({"active": active, "routing": routing, **table.iloc[-1].to_dict()})
     return {"store": root, "initial": initial, "searched": searched, "enhance_s": enhance_s, "ecs_s": train_s,
-            "main": main.to_dict("records"), "k": k_rows, "active": active_rows}
+            "main": main.to_dict("records"), "k": k_rows, "active": active_rows, "csi": search_curve(store)}
+
+
+def search_curve(store: Store) -> list[dict]:
+    """CSI's committed iterations of the newest search: score, accepted, best so far."""
+    run = Path(store.abs(_newest_result(store))).parent
+    return [{k: record[k] for k in ("iteration", "prompt", "similarity", "diversity", "score", "accepted",
+                                    "best_score")}
+            for record in (json.loads(p.read_text()) for p in sorted(run.glob("iter-*.json")))]
 
 
 def aggregate(tables: list[pd.DataFrame], keys: list[str]) -> pd.DataFrame:
@@ -116,6 +124,14 @@ def main() -> int:
         table = aggregate([pd.DataFrame(r[name]) for r in results], keys)
         print(f"\n## {name}: mean and worst over {len(results)} seed(s)")
         print(table.to_string(float_format="{:.1f}".format))
+    for r in results:
+        curve = r["csi"]
+        accepted = [c for c in curve if c["accepted"]]
+        print(f"\n## {r['store']}: CSI search, {len(curve)} iterations, best score per iteration")
+        print(" ".join(f"{c['best_score']:.3f}" for c in curve))
+        for c in accepted:
+            print(f"  accepted at {c['iteration']}: {c['score']:.4f} (similarity {c['similarity']:.4f}, diversity "
+                  f"{c['diversity']:.4f}) {c['prompt']}")
     for r in results:
         print(f"\n## {r['store']}: expert usage by active experts")
         for row in r["active"]:

@@ -52,6 +52,8 @@ class Units:
     kinds: list[np.ndarray] = field(default_factory=list)    # per unit (n,) WINDOW | CAPTION
 
     def add(self, video_id, level, start, end, windows, captions):
+        if not len(windows) and not len(captions):  # nothing to fuse: not a candidate
+            return
         self.video_id.append(video_id)
         self.level.append(level)
         self.start.append(float(start))
@@ -367,8 +369,14 @@ def _saved(model: ExpertSelection, history: list[dict], index_version: str) -> b
 
 
 def format_table(table: pd.DataFrame) -> str:
-    shown = table.set_index("arm")
-    return shown.to_string(float_format="{:.1f}".format)
+    """One line per arm: R@1 R@5 R@10 (x100) and MdR of each task, then the expert usage."""
+    shown = table.set_index("arm").drop(columns=[c for c in table if c.endswith(" queries")])
+    shown.columns = [c.replace("text-to-video ", "video ").replace("text-to-segment ", "segment ") for c in shown]
+    shown.index.name = None
+    queries = " and ".join(f"{int(table[f'text-to-{t} queries'].iloc[0])} {t}"
+                           for t in ("video", "segment") if f"text-to-{t} queries" in table)
+    return (f"test split, {queries} queries (R@k x100; MdR: median rank of the first relevant result; expert "
+            f"usage: the share of units each expert serves)\n{shown.to_string(float_format='{:.1f}'.format)}")
 
 
 def read_current_index(config, store: Store):
