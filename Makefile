@@ -17,7 +17,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q --no-compile -e '.[test]'  # no .pyc of all of torch: ~35 s less, compiled on use
+	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@
 
 demo: setup
