@@ -94,6 +94,20 @@ def _claim(stage: Stage, store: Store, units: list[Unit]) -> tuple[list[Unit], l
 
 def _run_claimed(stage: Stage, store: Store, todo: list[Unit], summary: Summary, executor: str, workers: int,
                  address: str | None, max_retries: int, progress_every_s: float, stream) -> None:
+    import torch
+
+    # check() and local runs load models here, setting torch's threads to the stage's reservation: the
+    # caller's count comes back after, or a demo trained with 1 thread after its first stage, and
+    # differently when a resumed run skipped that stage.
+    threads = torch.get_num_threads()
+    try:
+        _run_checked(stage, store, todo, summary, executor, workers, address, max_retries, progress_every_s, stream)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_checked(stage: Stage, store: Store, todo: list[Unit], summary: Summary, executor: str, workers: int,
+                 address: str | None, max_retries: int, progress_every_s: float, stream) -> None:
     stage.check()
     stage.prepare(store, todo)
     progress = Progress(stage.name, len(todo), sum(u.work for u in todo), stage.work_name, stream, progress_every_s)

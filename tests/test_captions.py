@@ -257,3 +257,18 @@ def test_a_version_changes_only_with_what_changes_its_output(featured_store, che
                                  windows={"segment_s": 24.0}, captions={
                                      **{f"{k}_checkpoint": v for k, v in checkpoints.items()}, "batch_size": 3}))
     assert batch == base  # how many windows go through the model at once changes nothing
+
+
+@pytest.mark.parametrize("local", [False, True])
+def test_a_stage_run_leaves_the_caller_s_torch_threads_as_they_were(featured_store, checkpoints, tmp_path, local):
+    # check() loads the model in the caller and sets torch's threads to the stage's 1 CPU: a demo then trained
+    # every later level with 1 thread, and differently when a resumed run skipped the stage
+    store = copy_store(featured_store, tmp_path / "s")
+    cfg = config_for(store.root, checkpoints)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        summary = run_stage(build_stages(cfg, store)[1], store, executor="local" if local else "ray")
+        assert summary.done == 6 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
