@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import settle  # noqa: E402
 from pipeline.dag import index_stage  # noqa: E402
-from pipeline.retrieval import relevant_spans  # noqa: E402
+from pipeline.retrieval import overlaps, relevant_spans  # noqa: E402
 from pipeline.search import SearchIndex, search  # noqa: E402
 from store import Store, read_groundtruth, read_queries  # noqa: E402
 from store.index import read_index  # noqa: E402
@@ -29,15 +29,11 @@ PICKS = {"clip": 2, "segment": 2, "video": 1}
 
 
 def right(hit: dict, spans) -> bool:
-    for video_id, s, e in spans:
-        if hit["video_id"] != video_id:
-            continue
-        if e == np.inf:
-            return True
-        inter = max(0.0, min(e, hit["end_s"]) - max(s, hit["start_s"]))
-        if inter / ((e - s) + (hit["end_s"] - hit["start_s"]) - inter) >= 0.5:
-            return True
-    return False
+    """In the query's own video (video queries), or overlapping one of `spans` with IoU >= 0.5."""
+    if any(e == np.inf and hit["video_id"] == v for v, _, e in spans):
+        return True
+    return bool(overlaps(np.array([hit["video_id"]], dtype=object), np.array([hit["start_s"]]),
+                         np.array([hit["end_s"]]), spans)[0])
 
 
 def main() -> int:

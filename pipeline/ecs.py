@@ -32,12 +32,11 @@ import torch.nn.functional as F
 
 from models.ecs import CAPTION, WINDOW, EcsConfig, ExpertSelection, load_balance
 from pipeline.config import EcsSettings
-from pipeline.retrieval import first_hit_rank, rank_metrics, relevant_spans, restrict
+from pipeline.retrieval import MIN_IOU, first_hit_rank, overlaps, rank_metrics, relevant_spans, restrict
 from store import Store, read_groundtruth, read_queries
 from store.index import IndexRows, read_index
 
 LEVEL_OF_TASK = {"text-to-video": "video", "text-to-segment": "segment"}
-MIN_IOU = 0.5
 
 
 @dataclass
@@ -150,7 +149,7 @@ def match_queries(units: Units, queries: pd.DataFrame) -> np.ndarray:
     return out
 
 
-def test_ranks(units: Units, embeddings: np.ndarray, queries: pd.DataFrame, query_emb: np.ndarray,
+def unit_ranks(units: Units, embeddings: np.ndarray, queries: pd.DataFrame, query_emb: np.ndarray,
                groundtruth: pd.DataFrame) -> pd.DataFrame:
     """Per test query: task, rank (ties against it), candidates. `embeddings` (units, E) are the units' fused ones."""
     out = []
@@ -169,15 +168,10 @@ def test_ranks(units: Units, embeddings: np.ndarray, queries: pd.DataFrame, quer
 
 
 def _unit_hits(units: Units, candidates: np.ndarray, spans, level: str) -> np.ndarray:
-    vids = np.array(units.video_id)[candidates]
+    vids = np.array(units.video_id, dtype=object)[candidates]
     if level == "video":
         return np.isin(vids, [vid for vid, _, _ in spans])
-    start, end = np.array(units.start)[candidates], np.array(units.end)[candidates]
-    hits = np.zeros(len(candidates), bool)
-    for vid, s, e in spans:
-        inter = np.clip(np.minimum(e, end) - np.maximum(s, start), 0, None)
-        hits |= (vids == vid) & (inter / ((e - s) + (end - start) - inter) >= MIN_IOU)
-    return hits
+    return overlaps(vids, np.array(units.start)[candidates], np.array(units.end)[candidates], spans)
 
 
 # ---- training ------------------------------------------------------------------------------------------------
@@ -262,7 +256,7 @@ def groundtruth_segments(store: Store, split: str) -> pd.DataFrame:
 
 
 def evaluate_arm(units: Units, embeddings: np.ndarray, split: Split, groundtruth: pd.DataFrame) -> dict:
-    ranks = test_ranks(units, embeddings, split.queries, split.query_emb, groundtruth)
+    ranks = unit_ranks(units, embeddings, split.queries, split.query_emb, groundtruth)
     out = {}
     for task, group in ranks.groupby("task", sort=False):
         metrics = rank_metrics(group["rank"])

@@ -89,16 +89,19 @@ def relevant_spans(queries: pd.DataFrame, groundtruth: pd.DataFrame) -> list[lis
             for q in queries.itertuples()]
 
 
+def overlaps(videos: np.ndarray, start: np.ndarray, end: np.ndarray, spans: list[tuple[str, float, float]]) -> np.ndarray:
+    """Which of the rows (video id, start, end) overlap one of `spans` in its video with IoU >= MIN_IOU."""
+    hits = np.zeros(len(videos), bool)
+    for video_id, s, e in spans:
+        inter = np.clip(np.minimum(e, end) - np.maximum(s, start), 0, None)
+        hits |= (videos == video_id) & (inter / ((e - s) + (end - start) - inter) >= MIN_IOU)
+    return hits
+
+
 def hit_mask(index: SearchIndex, candidates: np.ndarray, spans: list[tuple[str, float, float]]) -> np.ndarray:
     """Which candidate rows overlap one of `spans` in its video with IoU >= MIN_IOU."""
-    number = {v: i for i, v in enumerate(index.video_ids)}
-    video, start, end = index.video[candidates], index.start[candidates], index.end[candidates]
-    hits = np.zeros(len(candidates), bool)
-    for video_id, s, e in spans:
-        if video_id in number:
-            inter = np.clip(np.minimum(e, end) - np.maximum(s, start), 0, None)
-            hits |= (video == number[video_id]) & (inter / ((e - s) + (end - start) - inter) >= MIN_IOU)
-    return hits
+    videos = np.asarray(index.video_ids, dtype=object)[index.video[candidates]]
+    return overlaps(videos, index.start[candidates], index.end[candidates], spans)
 
 
 # ---- scoring -------------------------------------------------------------------------------------------
