@@ -38,12 +38,17 @@ def _free_port() -> int:
 def ray_head():
     """A real Ray head with the job server, in its own process group (torn down without touching others)."""
     port, dashboard = _free_port(), _free_port()
+    # The job agent's port defaults to 52365 on every Ray node: a local Ray of another test (in this worker or
+    # the next) that holds it leaves this head without a job agent ("No available agent to submit job").
+    agent_ports = [arg for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                                    "--runtime-env-agent-port", "--metrics-export-port")
+                   for arg in (flag, str(_free_port()))]
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
     ray = Path(sys.executable).with_name("ray")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.Popen([str(ray), "start", "--head", "--block", "--port", str(port), "--num-cpus", "2",
                              "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-                             "--dashboard-port", str(dashboard), "--temp-dir", temp],
+                             "--dashboard-port", str(dashboard), *agent_ports, "--temp-dir", temp],
                             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{dashboard}"
     deadline = time.monotonic() + 420  # under load a 2-core machine has taken more than 180 s
