@@ -35,14 +35,14 @@ SIZES = ("base", "demo", "tiny")
 # Trained from scratch, the official layout underfits: each of these was measured on the demo
 # corpus (docs/caption-accuracy.md): cross-attention in every Q-Former layer, open decoder gates,
 # a LayerNorm on the text context, learned positions of the clip level's tokens (`models.training.level_config`),
-# no dropout.
+# no dropout, standardised features at the video level.
 DEMO_WIDTHS = dict(qformer_hidden_size=128, qformer_num_layers=2, qformer_num_heads=4, qformer_intermediate_size=256,
                    qformer_cross_attention_freq=1, gate_init=1.0, dropout=0.0, text_context_norm=True,
                    qformer_vocab_size=30, qformer_max_positions=16,
                    n_positions=256, n_embd=128, n_layer=3, n_head=4, n_inner=512)
 DEMO_LEVELS = {"clip": dict(num_video_queries=16),
                "segment": dict(num_video_feat=16, num_video_queries=8, num_text_queries=32),
-               "video": dict(num_video_feat=32, num_video_queries=16, num_text_queries=96)}
+               "video": dict(num_video_feat=32, num_video_queries=16, num_text_queries=96, video_feature_norm=True)}
 
 OFFICIAL_DATASETS = {"clip_caption": "clip", "segment_description": "segment", "video_summary": "video"}
 
@@ -68,6 +68,11 @@ class RecapConfig:
     # context, projected to the queries' width if it differs), pads masked; off officially. A summary copies
     # its descriptions in order, which a few learned queries of a small Q-Former do not hold.
     text_tokens_to_decoder: bool = False
+    # Standardise CLS / token features per channel (buffers `video_feature_mean` / `_std`, the training split's
+    # statistics, set by the trainer and saved with the model); off officially. A contrastively trained encoder
+    # puts most of the features' variance in a few directions; what the caption needs (the place) may lie in the
+    # others, which a linear probe finds after standardising and a small model trained from scratch does not.
+    video_feature_norm: bool = False
     # Initial value of the decoder's cross-attention gates (alpha; the gate is tanh(alpha)). 0, the official
     # value, leaves a pretrained GPT-2 as it was; a decoder trained from scratch learns faster with open gates.
     gate_init: float = 0.0
@@ -255,6 +260,9 @@ class RecapModel(nn.Module):
         self.video_mapper = QFormerMapper(config.qformer_config(config.video_feature_width))
         if config.video_positions:
             self.video_position = nn.Embedding(config.video_positions, config.video_feature_width)
+        if config.video_feature_norm:
+            self.register_buffer("video_feature_mean", torch.zeros(config.video_feature_width))
+            self.register_buffer("video_feature_std", torch.ones(config.video_feature_width))
         if config.num_text_queries:
             self.text_queries = nn.Parameter(0.02 * torch.randn(config.num_text_queries, width))
             self.text_mapper = QFormerMapper(config.qformer_config(config.n_embd))
@@ -287,12 +295,21 @@ class RecapModel(nn.Module):
         """The video mapper's context: pixels (B, T, C, H, W) become all TimeSformer tokens (B, 1+T*N, D);
         features (B, N, D) (CLS features, or stored tokens) pass through; learned positions are added."""
         context = self.vision_model.forward_tokens(video) if video.dim() == 5 else video
+        if self.config.video_feature_norm and video.dim() != 5:
+            context = (context - self.video_feature_mean) / self.video_feature_std
         if self.config.video_positions:
             if context.size(1) != self.config.video_positions:
                 raise ValueError(f"the video context has {context.size(1)} rows; the model's position embedding "
                                  f"has {self.config.video_positions}")
             context = context + self.video_position.weight
         return context
+
+    @torch.no_grad()
+    def set_feature_stats(self, rows: torch.Tensor) -> None:
+        """`video_feature_norm`'s statistics from feature rows (N, D) of the training split."""
+        rows = rows.double()
+        self.video_feature_mean.copy_(rows.mean(0))
+        self.video_feature_std.copy_(rows.std(0).clamp_min(1e-6))
 
     def embed_text(self, text_ids: torch.Tensor) -> torch.Tensor:
         """Previous-level GPT-2 ids -> the decoder's own wte + wpe, positions 0..L-1, as officially."""

@@ -41,6 +41,7 @@ def level_config(size: str, level: str, feature_dim: int, tokens_per_window: int
         "num_video_queries": sized.num_video_queries,
         "num_text_queries": sized.num_text_queries if recursive else 0,
         "text_tokens_to_decoder": sized.text_tokens_to_decoder and recursive,
+        "video_feature_norm": sized.video_feature_norm,
         "max_gen_tokens": sized.max_gen_tokens, "vocab_size": tokenizer.vocab_size,
         "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id})
 

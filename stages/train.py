@@ -192,18 +192,18 @@ class Trainer:
         self.store = Store(plan.store)
         self.tokenizer = Tokenizer.load(self.store.abs(f"{plan.run_dir}/tokenizer"))
         self.start = last_epoch(self.store, plan.run_dir)
-        self.model = self._model().to(self.device)
-        set_trainable(self.model, self.s.freeze)
-        # Unused parameters: clip batches skip the text mapper, and the Q-Formers' token embeddings are never
-        # read. The buffers (causal masks) are constants, so there is nothing to broadcast every step.
-        self.net = (DistributedDataParallel(self.model, find_unused_parameters=True, broadcast_buffers=False)
-                    if self.world > 1 else self.model)
         features = FeatureSet(self.store, plan.features)
         self.data = {split: {level: Examples(ExampleReader(features, level, plan.num_feat.get(level, 0)),
                                              items, plan.lower.get(level))
                              for level, items in by_level.items()}
                      for split, by_level in (("train", plan.train), ("val", plan.val))}
         self.sizes = {level: len(examples) for level, examples in self.data["train"].items()}
+        self.model = self._model().to(self.device)
+        set_trainable(self.model, self.s.freeze)
+        # Unused parameters: clip batches skip the text mapper, and the Q-Formers' token embeddings are never
+        # read. The buffers (causal masks, feature statistics) are constants: nothing to broadcast every step.
+        self.net = (DistributedDataParallel(self.model, find_unused_parameters=True, broadcast_buffers=False)
+                    if self.world > 1 else self.model)
         self.steps_per_epoch = len(epoch_batches(self.sizes, self.s.batch_size, self.s.seed, 1, self.world))
         self.optimizer, self.scheduler, self.history = optimization(self.model, self.s, self.steps_per_epoch,
                                                                     self.store, plan.run_dir, self.start)
@@ -221,6 +221,11 @@ class Trainer:
         if self.plan.init_from:
             notes = load_init(model, self.plan.init_from)
             self.say(f"init from {self.plan.init_from}: {'; '.join(notes) or 'every tensor as it is'}")
+        if model.config.video_feature_norm:
+            rows = torch.from_numpy(np.concatenate([e.video[e.video_mask.astype(bool)] for examples
+                                                    in self.data["train"].values() for e in examples]))
+            model.set_feature_stats(rows)
+            self.say(f"features standardised per channel with the statistics of {len(rows)} training rows")
         return model
 
     def run(self) -> None:

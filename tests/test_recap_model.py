@@ -273,3 +273,25 @@ def test_text_tokens_to_decoder_leaves_the_official_layout():
         context, mask = model.decoder_context(*(inp[k] for k in names))
     close(context[:, :out["queries"].size(1)], out["queries"], 5e-6)  # the official queries, then the tokens
     assert torch.equal(mask[:, out["queries"].size(1):], inp["text_mask"])
+
+
+def test_feature_norm_standardises_the_features_per_channel_and_is_saved_with_the_model(tmp_path):
+    from models import checkpoint
+
+    assert not load_tiny("segment").config.video_feature_norm  # official files: off, and no extra tensors
+    config = RecapConfig.preset("segment", "tiny").with_overrides({"video_feature_norm": True})
+    torch.manual_seed(0)
+    model = RecapModel(config).eval()
+    assert set(model.state_dict()) - set(RecapModel(RecapConfig.preset("segment", "tiny")).state_dict()) == {
+        "video_feature_mean", "video_feature_std"}
+    scale, shift = torch.linspace(0.1, 5.0, 64), torch.linspace(-3.0, 3.0, 64)
+    model.set_feature_stats(torch.randn(4000, 64) * scale + shift)
+    video = torch.randn(2, 10, 64) * scale + shift
+    standardised = model.encode_video(video)
+    assert standardised.std(dim=(0, 1)).sub(1).abs().max() < 0.35 and standardised.mean().abs() < 0.2
+    assert torch.allclose(standardised * model.video_feature_std + model.video_feature_mean, video, atol=1e-5)
+
+    checkpoint.save(model, None, tmp_path / "ckpt")
+    loaded, _ = checkpoint.load(tmp_path / "ckpt")
+    assert torch.equal(loaded.video_feature_std, model.video_feature_std)
+    assert torch.equal(loaded.encode_video(video), standardised)

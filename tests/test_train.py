@@ -299,3 +299,20 @@ def test_trained_clip_captions_beat_chance_on_the_facts(small_corpus_store):
     actions = [json.loads(f)["action"] for f in read_groundtruth(store, "clip", "train")["facts"].to_pylist()]
     most_frequent_action = 100 * max(map(actions.count, set(actions))) / len(actions)
     assert scores["colour"] >= 60 and scores["action"] > most_frequent_action and scores["distinct"] > 4, scores
+
+
+def test_the_demo_video_model_standardises_its_features_with_the_train_split_s_statistics(store):
+    from stages.examples import ExampleReader
+    from store import FeatureSet
+
+    result, log = run(store, level="video", lower="groundtruth", size="demo", epochs=1, batch_size=4)
+    model, _ = checkpoint.load(store.abs(result.checkpoint))
+    assert model.config.video_feature_norm
+    cfg = load_config(features={"encoder": "tsf-tiny"})
+    reader = ExampleReader(FeatureSet(store, features_stage(cfg).version()), "video", model.config.num_video_feat)
+    train_rows = read_groundtruth(store, "video", "train").to_pylist()
+    examples = [reader.span(r["video_id"], r["start_s"], r["end_s"], []) for r in train_rows]
+    rows = torch.from_numpy(np.concatenate([e.video[e.video_mask.astype(bool)] for e in examples])).double()
+    assert f"statistics of {len(rows)} training rows" in log
+    assert torch.allclose(model.video_feature_mean, rows.mean(0).float())
+    assert torch.allclose(model.video_feature_std, rows.std(0).float())
