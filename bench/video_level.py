@@ -1,0 +1,97 @@
+"""The video level of a demo store, retrained with a model variant: semantic scores and copy fidelity.
+
+On a store that `recap demo` made, trains the video level again from the store's latest segment checkpoint (or
+`--init`), with fields of the demo size's video configuration changed (`--set '{"video_feature_norm": false}'`),
+captions the store with it through the pipeline's own caption stage, and prints the test split's semantic scores
+and, for each summary, whether it copies the activity sequence its input descriptions state:
+
+    python bench/video_level.py recap-store/demo --epochs 10 --set '{"video_feature_norm": false}'
+    python bench/video_level.py recap-store/demo --epochs 10 --non-recursive --init recap-store/demo/checkpoints/segment/<run>/epoch-0030
+    python bench/video_level.py recap-store/demo --only-copy     # the store's current summaries, untouched
+
+Runs get their own names (the variant is part of the run's fingerprint): nothing the demo wrote is replaced,
+though the newest training becomes the store's latest video checkpoint, as with `recap train`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from dataclasses import replace
+
+import models.recap
+import pipeline.train
+from pipeline.config import settle
+from pipeline.dag import build_stages, caption_stage
+from pipeline.runner import run_stage
+from stages.evaluate import match_windows, semantic_scores
+from store import Store, latest_checkpoint, read_captions
+from synth.facts import parse
+
+
+def retrain(store: Store, config, epochs: int, changes: dict, recursive: bool, init: str | None):
+    """The video caption stage of a retrained variant."""
+    models.recap.DEMO_LEVELS["video"].update(changes)  # in the run's fingerprint
+    level_config = pipeline.train.level_config
+    # the init checkpoint's configuration is the base (models.training.level_config): apply the changes on top
+    pipeline.train.level_config = lambda *a, **k: level_config(*a, **k).with_overrides(changes)
+    config = replace(config, train=replace(config.train, epochs=epochs, recursive=recursive))
+    stages = build_stages(config, store)
+    result = pipeline.train.train(config, store, "video", init_from=init or latest_checkpoint(store, "segment"),
+                                  lower_versions=[stages[2].version()] if recursive else [])
+    stage = caption_stage(config, "video", store.abs(result.checkpoint), stages[2], stages[0])
+    run_stage(stage, store, executor="local")
+    return stage
+
+
+def copy_fidelity(store: Store, segment_version: str, video_version: str) -> Counter:
+    """Per test video: is the sequence in its input descriptions right, and does the summary copy it?"""
+    descriptions = read_captions(store, "segment", segment_version).to_pandas()
+    counts = Counter()
+    for _, row in match_windows(store, "video", video_version, "test").iterrows():
+        true = json.loads(row["facts"])["activities"]
+        inputs = descriptions[descriptions["video_id"] == row["video_id"]].sort_values("start_s")["text"]
+        given = [(parse("segment", text) or {}).get("activity") for text in inputs]
+        got = parse("video", row["prediction"])
+        counts["videos"] += 1
+        counts["input right"] += given == true
+        if got is None:
+            counts["unparsed"] += 1
+            continue
+        sequence = got["activities"]
+        counts["copies its input"] += sequence == given
+        counts["first activity right"] += bool(sequence) and sequence[0] == true[0]
+        counts["shorter than its input"] += len(sequence) < len(given)
+        counts["longer than its input"] += len(sequence) > len(given)
+        counts["same length, wrong"] += len(sequence) == len(given) and sequence != given
+    return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("store")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--set", default="{}", help="JSON of RecapConfig fields for the video model")
+    parser.add_argument("--non-recursive", action="store_true")
+    parser.add_argument("--init", help="init checkpoint (default: the store's latest segment checkpoint)")
+    parser.add_argument("--only-copy", action="store_true", help="score the current summaries, train nothing")
+    args = parser.parse_args()
+    store = Store(args.store)
+    config = settle(args.store, record=False)
+    stages = build_stages(config, store)
+    if args.only_copy:
+        video = stages[3]
+    else:
+        video = retrain(store, config, args.epochs, json.loads(args.set), not args.non_recursive,
+                        args.init)
+    pairs = match_windows(store, "video", video.version(), "test")
+    found = pairs[pairs["iou"].notna()]
+    scores = semantic_scores("video", found["prediction"].tolist(), found["facts"].tolist())
+    print(f"{video.version()}: " + ", ".join(f"{k} {v:.2f}" if k == "sequence_edit" else f"{k} {v:.1f}"
+                                             for k, v in scores.items()))
+    print("copy fidelity:", dict(copy_fidelity(store, stages[2].version(), video.version())))
+
+
+if __name__ == "__main__":
+    main()
