@@ -7,7 +7,7 @@ and, for each summary, whether it copies the activity sequence its input descrip
 
     python bench/video_level.py recap-store/demo --epochs 10 --set '{"video_feature_norm": false}'
     python bench/video_level.py recap-store/demo --epochs 10 --non-recursive --init recap-store/demo/checkpoints/segment/<run>/epoch-0030
-    python bench/video_level.py recap-store/demo --only-copy     # the store's current summaries, untouched
+    python bench/video_level.py recap-store/demo --only-copy     # the published summaries (current/), untouched
 
 Runs get their own names (the variant is part of the run's fingerprint): nothing the demo wrote is replaced,
 though the newest training becomes the store's latest video checkpoint, as with `recap train`.
@@ -26,7 +26,7 @@ from pipeline.config import settle
 from pipeline.dag import build_stages, caption_stage
 from pipeline.runner import run_stage
 from stages.evaluate import match_windows, semantic_scores
-from store import Store, latest_checkpoint, read_captions
+from store import Store, current_versions, latest_checkpoint, read_captions
 from synth.facts import parse
 
 
@@ -75,22 +75,24 @@ def main() -> None:
     parser.add_argument("--set", default="{}", help="JSON of RecapConfig fields for the video model")
     parser.add_argument("--non-recursive", action="store_true")
     parser.add_argument("--init", help="init checkpoint (default: the store's latest segment checkpoint)")
-    parser.add_argument("--only-copy", action="store_true", help="score the current summaries, train nothing")
+    parser.add_argument("--only-copy", action="store_true", help="score the published summaries, train nothing")
     args = parser.parse_args()
     store = Store(args.store)
     config = settle(args.store, record=False)
     stages = build_stages(config, store)
     if args.only_copy:
-        video = stages[3]
+        version = (current_versions(store) or {}).get("video")
+        if version is None:
+            raise SystemExit(f"{args.store}: no current summaries (current/); run `recap summaries` first")
     else:
-        video = retrain(store, config, args.epochs, json.loads(args.set), not args.non_recursive,
-                        args.init)
-    pairs = match_windows(store, "video", video.version(), "test")
+        version = retrain(store, config, args.epochs, json.loads(args.set), not args.non_recursive,
+                          args.init).version()
+    pairs = match_windows(store, "video", version, "test")
     found = pairs[pairs["iou"].notna()]
     scores = semantic_scores("video", found["prediction"].tolist(), found["facts"].tolist())
-    print(f"{video.version()}: " + ", ".join(f"{k} {v:.2f}" if k == "sequence_edit" else f"{k} {v:.1f}"
+    print(f"{version}: " + ", ".join(f"{k} {v:.2f}" if k == "sequence_edit" else f"{k} {v:.1f}"
                                              for k, v in scores.items()))
-    print("copy fidelity:", dict(copy_fidelity(store, stages[2].version(), video.version())))
+    print("copy fidelity:", dict(copy_fidelity(store, stages[2].version(), version)))
 
 
 if __name__ == "__main__":

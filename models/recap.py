@@ -308,8 +308,10 @@ class RecapModel(nn.Module):
     def set_feature_stats(self, rows: torch.Tensor) -> None:
         """`video_feature_norm`'s statistics from feature rows (N, D) of the training split."""
         rows = rows.double()
+        std = rows.std(0)
+        floor = max(1e-3 * float(std.mean()), 1e-6)  # a channel constant in training must not be scaled up 1e6-fold
         self.video_feature_mean.copy_(rows.mean(0))
-        self.video_feature_std.copy_(rows.std(0).clamp_min(1e-6))
+        self.video_feature_std.copy_(std.clamp_min(floor))
 
     def embed_text(self, text_ids: torch.Tensor) -> torch.Tensor:
         """Previous-level GPT-2 ids -> the decoder's own wte + wpe, positions 0..L-1, as officially."""

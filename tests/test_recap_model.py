@@ -286,9 +286,9 @@ def test_feature_norm_standardises_the_features_per_channel_and_is_saved_with_th
         "video_feature_mean", "video_feature_std"}
     scale, shift = torch.linspace(0.1, 5.0, 64), torch.linspace(-3.0, 3.0, 64)
     model.set_feature_stats(torch.randn(4000, 64) * scale + shift)
-    video = torch.randn(2, 10, 64) * scale + shift
+    video = torch.randn(4, 500, 64) * scale + shift
     standardised = model.encode_video(video)
-    assert standardised.std(dim=(0, 1)).sub(1).abs().max() < 0.35 and standardised.mean().abs() < 0.2
+    assert standardised.std(dim=(0, 1)).sub(1).abs().max() < 0.1 and standardised.mean(dim=(0, 1)).abs().max() < 0.1
     assert torch.allclose(standardised * model.video_feature_std + model.video_feature_mean, video, atol=1e-5)
 
     checkpoint.save(model, None, tmp_path / "ckpt")
