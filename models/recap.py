@@ -35,14 +35,15 @@ SIZES = ("base", "demo", "tiny")
 # Trained from scratch, the official layout underfits: each of these was measured on the demo
 # corpus (docs/caption-accuracy.md): cross-attention in every Q-Former layer, open decoder gates,
 # a LayerNorm on the text context, learned positions of the clip level's tokens (`models.training.level_config`),
-# no dropout, standardised features at the video level.
+# no dropout, whitened features at the video level.
 DEMO_WIDTHS = dict(qformer_hidden_size=128, qformer_num_layers=2, qformer_num_heads=4, qformer_intermediate_size=256,
                    qformer_cross_attention_freq=1, gate_init=1.0, dropout=0.0, text_context_norm=True,
                    qformer_vocab_size=30, qformer_max_positions=16,
                    n_positions=256, n_embd=128, n_layer=3, n_head=4, n_inner=512)
 DEMO_LEVELS = {"clip": dict(num_video_queries=16),
                "segment": dict(num_video_feat=16, num_video_queries=8, num_text_queries=32),
-               "video": dict(num_video_feat=32, num_video_queries=16, num_text_queries=96, video_feature_norm=True)}
+               "video": dict(num_video_feat=32, num_video_queries=16, num_text_queries=96, video_feature_norm=True,
+                             video_feature_whiten=True)}
 
 OFFICIAL_DATASETS = {"clip_caption": "clip", "segment_description": "segment", "video_summary": "video"}
 
@@ -73,6 +74,10 @@ class RecapConfig:
     # puts most of the features' variance in a few directions; what the caption needs (the place) may lie in the
     # others, which a linear probe finds after standardising and a small model trained from scratch does not.
     video_feature_norm: bool = False
+    # With `video_feature_norm`: standardise along the training rows' principal axes instead of the channels
+    # (PCA whitening, buffer `video_feature_basis`). Per-channel scaling leaves directions that mix channels as
+    # they were; a contrastively trained encoder's few dominant directions do.
+    video_feature_whiten: bool = False
     # Initial value of the decoder's cross-attention gates (alpha; the gate is tanh(alpha)). 0, the official
     # value, leaves a pretrained GPT-2 as it was; a decoder trained from scratch learns faster with open gates.
     gate_init: float = 0.0
@@ -107,6 +112,8 @@ class RecapConfig:
             raise ValueError(f"level must be one of {LEVELS}, got {self.level!r}")
         if self.video_feature_type not in ("pixel", "cls"):
             raise ValueError(f"video_feature_type must be 'pixel' or 'cls', got {self.video_feature_type!r}")
+        if self.video_feature_whiten and not self.video_feature_norm:
+            raise ValueError("video_feature_whiten needs video_feature_norm")
         if self.video_feature_type == "pixel" and self.vision is None:
             raise ValueError("video_feature_type 'pixel' needs a vision (TimeSformer) config")
         widths = {"n_head": (self.n_embd, self.n_head),
@@ -263,6 +270,8 @@ class RecapModel(nn.Module):
         if config.video_feature_norm:
             self.register_buffer("video_feature_mean", torch.zeros(config.video_feature_width))
             self.register_buffer("video_feature_std", torch.ones(config.video_feature_width))
+            if config.video_feature_whiten:
+                self.register_buffer("video_feature_basis", torch.eye(config.video_feature_width))
         if config.num_text_queries:
             self.text_queries = nn.Parameter(0.02 * torch.randn(config.num_text_queries, width))
             self.text_mapper = QFormerMapper(config.qformer_config(config.n_embd))
@@ -296,7 +305,10 @@ class RecapModel(nn.Module):
         features (B, N, D) (CLS features, or stored tokens) pass through; learned positions are added."""
         context = self.vision_model.forward_tokens(video) if video.dim() == 5 else video
         if self.config.video_feature_norm and video.dim() != 5:
-            context = (context - self.video_feature_mean) / self.video_feature_std
+            context = context - self.video_feature_mean
+            if self.config.video_feature_whiten:
+                context = context @ self.video_feature_basis
+            context = context / self.video_feature_std
         if self.config.video_positions:
             if context.size(1) != self.config.video_positions:
                 raise ValueError(f"the video context has {context.size(1)} rows; the model's position embedding "
@@ -306,11 +318,19 @@ class RecapModel(nn.Module):
 
     @torch.no_grad()
     def set_feature_stats(self, rows: torch.Tensor) -> None:
-        """`video_feature_norm`'s statistics from feature rows (N, D) of the training split."""
+        """`video_feature_norm`'s statistics from feature rows (N, D) of the training split: the mean, and the
+        standard deviation per channel, or with `video_feature_whiten` along each principal axis (the columns of
+        `video_feature_basis`)."""
         rows = rows.double()
-        std = rows.std(0)
-        floor = max(1e-3 * float(std.mean()), 1e-6)  # a channel constant in training must not be scaled up 1e6-fold
-        self.video_feature_mean.copy_(rows.mean(0))
+        mean = rows.mean(0)
+        if self.config.video_feature_whiten:
+            variance, basis = torch.linalg.eigh(torch.cov((rows - mean).T))
+            self.video_feature_basis.copy_(basis)
+            std = variance.clamp_min(0).sqrt()
+        else:
+            std = rows.std(0)
+        floor = max(1e-3 * float(std.mean()), 1e-6)  # a direction constant in training must not be scaled up 1e6-fold
+        self.video_feature_mean.copy_(mean)
         self.video_feature_std.copy_(std.clamp_min(floor))
 
     def embed_text(self, text_ids: torch.Tensor) -> torch.Tensor:

@@ -225,7 +225,8 @@ class Trainer:
             rows = torch.from_numpy(np.concatenate([e.video[e.video_mask.astype(bool)] for examples
                                                     in self.data["train"].values() for e in examples]))
             model.set_feature_stats(rows)
-            self.say(f"features standardised per channel with the statistics of {len(rows)} training rows")
+            axes = "principal axes" if model.config.video_feature_whiten else "per channel"
+            self.say(f"features standardised ({axes}) with the statistics of {len(rows)} training rows")
         return model
 
     def run(self) -> None:

@@ -295,3 +295,21 @@ def test_feature_norm_standardises_the_features_per_channel_and_is_saved_with_th
     loaded, _ = checkpoint.load(tmp_path / "ckpt")
     assert torch.equal(loaded.video_feature_std, model.video_feature_std)
     assert torch.equal(loaded.encode_video(video), standardised)
+
+
+def test_feature_whitening_decorrelates_the_features_along_their_principal_axes(tmp_path):
+    from models import checkpoint
+
+    config = RecapConfig.preset("segment", "tiny").with_overrides({"video_feature_norm": True,
+                                                                   "video_feature_whiten": True})
+    torch.manual_seed(0)
+    model = RecapModel(config).eval()
+    # a few dominant directions that mix every channel, as a contrastively trained encoder's features have
+    mixing = torch.randn(64, 64) * torch.logspace(0.5, -1, 64)[:, None]
+    model.set_feature_stats(torch.randn(8000, 64) @ mixing + 2.0)
+    whitened = model.encode_video((torch.randn(4, 2000, 64) @ mixing + 2.0)).reshape(-1, 64)
+    assert torch.cov(whitened.T).sub(torch.eye(64)).abs().max() < 0.1  # per channel alone leaves correlations
+    checkpoint.save(model, None, tmp_path / "ckpt")
+    assert torch.equal(checkpoint.load(tmp_path / "ckpt")[0].video_feature_basis, model.video_feature_basis)
+    with pytest.raises(ValueError, match="video_feature_whiten needs video_feature_norm"):
+        RecapConfig.preset("segment", "tiny").with_overrides({"video_feature_whiten": True})

@@ -1,0 +1,115 @@
+"""A level of a demo store (video by default, or segment), retrained with a model variant: semantic scores, and
+at the video level copy fidelity.
+
+On a store that `recap demo` made, trains the level again from the store's latest checkpoint of the level below
+(or `--init`), with fields of the demo size's configuration of the level changed (`--set '{"video_feature_norm":
+false}'`), captions the store with it through the pipeline's own caption stage, and prints the test split's
+semantic scores and, for each summary, whether it copies the activity sequence its input descriptions state:
+
+    python bench/retrain_level.py recap-store/demo --epochs 10 --set '{"video_feature_norm": false}'
+    python bench/retrain_level.py recap-store/demo --epochs 10 --non-recursive --init recap-store/demo/checkpoints/segment/<run>/epoch-0030
+    python bench/retrain_level.py recap-store/demo --only-copy     # the published summaries (current/), untouched
+    python bench/retrain_level.py recap-store/demo --level segment --epochs 30 --set '{"video_feature_norm": true}'
+
+Runs get their own names (the variant is part of the run's fingerprint): nothing the demo wrote is replaced,
+though the newest training becomes the store's latest video checkpoint, as with `recap train`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from dataclasses import replace
+
+import models.recap
+import pipeline.train
+from pipeline.config import settle
+from pipeline.dag import build_stages, caption_stage
+from pipeline.runner import run_stage
+from stages.evaluate import match_windows, semantic_scores
+from store import LEVELS, Store, current_versions, latest_checkpoint, read_captions
+from synth.facts import parse
+
+
+LOWER = {"segment": "clip", "video": "segment"}
+
+
+def retrain(store: Store, config, level: str, epochs: int, changes: dict, recursive: bool, init: str | None,
+            method: str = "greedy", checkpoint: str | None = None):
+    """The caption stage of `level`, of a retrained variant."""
+    models.recap.DEMO_LEVELS[level].update(changes)  # in the run's fingerprint
+    level_config = pipeline.train.level_config
+    # the init checkpoint's configuration is the base (models.training.level_config): apply the changes on top
+    pipeline.train.level_config = lambda *a, **k: level_config(*a, **k).with_overrides(changes)
+    config = replace(config, train=replace(config.train, epochs=epochs, recursive=recursive))
+    features, *captions = build_stages(config, store)
+    lower = captions[LEVELS.index(LOWER[level])]
+    if checkpoint is None:
+        checkpoint = store.abs(pipeline.train.train(
+            config, store, level, init_from=init or latest_checkpoint(store, LOWER[level]),
+            lower_versions=[lower.version()] if recursive else []).checkpoint)
+    decoding = replace(config, captions=replace(config.captions, method=method))  # this level's only: not `lower`'s
+    stage = caption_stage(decoding, level, checkpoint, lower, features)
+    run_stage(stage, store, executor="local")
+    return stage
+
+
+def copy_fidelity(store: Store, segment_version: str, video_version: str) -> Counter:
+    """Per test video: is the sequence in its input descriptions right, and does the summary copy it?"""
+    descriptions = read_captions(store, "segment", segment_version).to_pandas()
+    counts = Counter()
+    for _, row in match_windows(store, "video", video_version, "test").iterrows():
+        true = json.loads(row["facts"])["activities"]
+        inputs = descriptions[descriptions["video_id"] == row["video_id"]].sort_values("start_s")["text"]
+        given = [(parse("segment", text) or {}).get("activity") for text in inputs]
+        got = parse("video", row["prediction"])
+        counts["videos"] += 1
+        counts["input right"] += given == true
+        if got is None:
+            counts["unparsed"] += 1
+            continue
+        sequence = got["activities"]
+        counts["copies its input"] += sequence == given
+        counts["first activity right"] += bool(sequence) and sequence[0] == true[0]
+        counts["shorter than its input"] += len(sequence) < len(given)
+        counts["longer than its input"] += len(sequence) > len(given)
+        counts["same length, wrong"] += len(sequence) == len(given) and sequence != given
+    return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("store")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--level", choices=sorted(LOWER), default="video")
+    parser.add_argument("--set", default="{}", help="JSON of RecapConfig fields for the level's model")
+    parser.add_argument("--non-recursive", action="store_true")
+    parser.add_argument("--init", help="init checkpoint (default: the store's latest checkpoint of the level below)")
+    parser.add_argument("--method", choices=("greedy", "beam"), default="greedy", help="decoding (a trained variant "
+                        "is not trained again: its checkpoint is found by its fingerprint)")
+    parser.add_argument("--checkpoint", help="caption with this checkpoint of the level: train nothing")
+    parser.add_argument("--only-copy", action="store_true", help="score the published summaries, train nothing")
+    parser.add_argument("--version", help="with --only-copy: score this caption version instead")
+    args = parser.parse_args()
+    store = Store(args.store)
+    config = settle(args.store, record=False)
+    stages = build_stages(config, store)
+    if args.only_copy:
+        version = args.version or (current_versions(store) or {}).get(args.level)
+        if version is None:
+            raise SystemExit(f"{args.store}: no current {args.level} captions (current/); publish them or give --version")
+    else:
+        version = retrain(store, config, args.level, args.epochs, json.loads(args.set), not args.non_recursive,
+                          args.init, args.method, args.checkpoint).version()
+    pairs = match_windows(store, args.level, version, "test")
+    found = pairs[pairs["iou"].notna()]
+    scores = semantic_scores(args.level, found["prediction"].tolist(), found["facts"].tolist())
+    print(f"{version}: " + ", ".join(f"{k} {v:.2f}" if k == "sequence_edit" else f"{k} {v:.1f}"
+                                             for k, v in scores.items()))
+    if args.level == "video":
+        print("copy fidelity:", dict(copy_fidelity(store, stages[2].version(), version)))
+
+
+if __name__ == "__main__":
+    main()
