@@ -244,7 +244,9 @@ def _caption_command(level: str, doc: str):
                 address: AddressOpt = None, retry_failed: RetryOpt = False, local: LocalOpt = False):
         from pipeline.dag import build_stages
 
-        caps = {f"{level}_checkpoint": checkpoint, "method": method, "batch_size": batch_size}
+        # summaries have a decoding setting of their own (captions.video_method), which --method must win over
+        caps = {f"{level}_checkpoint": checkpoint, "video_method" if level == "video" else "method": method,
+                "batch_size": batch_size}
         cfg = _load(store, config, captions=_given(caps), run=_given({"workers": workers, "address": address}))
         st = Store(cfg.store)
 

@@ -83,6 +83,7 @@ class CaptionConfig:
     segment_checkpoint: str = ""
     video_checkpoint: str = ""
     method: str = "greedy"       # greedy | beam | sample (nucleus sampling with top_p)
+    video_method: str = ""       # the video level's (summaries'), if not `method`
     num_beams: int = 4
     top_p: float = 0.9
     batch_size: int = 64         # windows per generate call
@@ -211,7 +212,8 @@ class ConfigError(ValueError):
 
 
 def _choices(*allowed):
-    return lambda v: None if v in allowed else f"not one of {', '.join(map(str, allowed))}"
+    names = ", ".join(a if a else '""' for a in map(str, allowed))
+    return lambda v: None if v in allowed else f"not one of {names}"
 
 
 def _at_least(low, strict=False):
@@ -253,7 +255,8 @@ def _rules() -> dict:
         "pretrain.lr": _at_least(0, strict=True),
         "pretrain.weight_decay": _at_least(0), "pretrain.warmup_frac": _fraction, "pretrain.grad_clip": _at_least(0),
         "pretrain.workers": _at_least(1),
-        "captions.method": _choices("greedy", "beam", "sample"), "captions.num_beams": _at_least(1),
+        "captions.method": _choices("greedy", "beam", "sample"),
+        "captions.video_method": _choices("", "greedy", "beam", "sample"), "captions.num_beams": _at_least(1),
         "captions.top_p": lambda v: None if 0 < v <= 1 else "must be in (0, 1]",
         "captions.batch_size": _at_least(1), "captions.device": _device,
         "index.encoder": _choices("lavila", "videoprism"),

@@ -29,7 +29,8 @@ def thumbnails_stage(config: Config) -> ThumbnailStage:
 def caption_stage(config: Config, level: str, checkpoint: str, upstream: Stage,
                   features: FeaturesStage) -> CaptionStage:
     c = config.captions
-    params = dict(checkpoint=checkpoint, upstream=upstream, features=features, method=c.method,
+    method = c.video_method if level == "video" and c.video_method else c.method
+    params = dict(checkpoint=checkpoint, upstream=upstream, features=features, method=method,
                   num_beams=c.num_beams, top_p=c.top_p, batch_size=c.batch_size, device=c.device, tokenizer=c.tokenizer)
     if level == "segment":
         params |= dict(segment_s=config.windows.segment_s, segment_min_tail=config.windows.segment_min_tail)

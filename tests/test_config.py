@@ -47,6 +47,7 @@ def test_relative_paths_are_recorded_absolute(tmp_path, monkeypatch):
     ({"windows": {"clip_s": 0.0}}, "windows.clip_s = 0.0: must be > 0"),
     ({"features": {"batch_size": -3}}, "features.batch_size = -3: must be >= 0"),
     ({"captions": {"method": "nucleus"}}, "captions.method = 'nucleus': not one of greedy, beam, sample"),
+    ({"captions": {"video_method": "top"}}, "captions.video_method = 'top': not one of \"\", greedy, beam, sample"),
     ({"features": {"encoder": "tsf-huge"}}, "features.encoder = 'tsf-huge': not one of tsf-base, tsf-tiny"),
     ({"train": {"epochs": -1}}, "train.epochs = -1: must be >= 0"),
     ({"run": {"max_retries": -1}}, "run.max_retries = -1: must be >= 0"),
@@ -56,6 +57,17 @@ def test_bad_values_are_rejected_naming_key_value_and_what_is_allowed(overrides,
     with pytest.raises(ConfigError) as error:
         load_config(**overrides)
     assert str(error.value).startswith(message)
+
+
+def test_the_summaries_decode_their_own_way_where_a_video_method_is_set():
+    from pipeline.dag import caption_stage, features_stage
+
+    def methods(cfg):
+        features = features_stage(cfg)
+        return [caption_stage(cfg, level, "ckpt", features, features).method for level in ("clip", "segment", "video")]
+
+    assert methods(load_config(captions={"video_method": "beam"})) == ["greedy", "greedy", "beam"]
+    assert methods(load_config(captions={"method": "sample"})) == ["sample", "sample", "sample"]
 
 
 def test_bad_values_on_the_command_line_exit_2_before_any_work(tmp_path):

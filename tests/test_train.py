@@ -301,7 +301,7 @@ def test_trained_clip_captions_beat_chance_on_the_facts(small_corpus_store):
     assert scores["colour"] >= 60 and scores["action"] > most_frequent_action and scores["distinct"] > 4, scores
 
 
-def test_the_demo_video_model_standardises_its_features_with_the_train_split_s_statistics(store):
+def test_the_demo_video_model_whitens_its_features_with_the_train_split_s_statistics(store):
     from stages.examples import ExampleReader
     from store import FeatureSet
 
@@ -315,4 +315,10 @@ def test_the_demo_video_model_standardises_its_features_with_the_train_split_s_s
     rows = torch.from_numpy(np.concatenate([e.video[e.video_mask.astype(bool)] for e in examples])).double()
     assert f"statistics of {len(rows)} training rows" in log
     assert torch.allclose(model.video_feature_mean, rows.mean(0).float())
-    assert torch.allclose(model.video_feature_std, rows.std(0).float())
+    # whitened: the basis decorrelates the training rows, and the std is theirs along each of its axes
+    assert model.config.video_feature_whiten
+    projected = (rows - rows.mean(0)) @ model.video_feature_basis.double()
+    covariance = torch.cov(projected.T)
+    assert (covariance - torch.diag(covariance.diag())).abs().max() < 1e-4 * covariance.diag().max()
+    floor = 1e-3 * float(projected.std(0).mean())
+    assert torch.allclose(model.video_feature_std, projected.std(0).clamp_min(floor).float(), rtol=1e-4)
