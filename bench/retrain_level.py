@@ -2,11 +2,11 @@
 at the video level copy fidelity.
 
 On a store that `recap demo` made, trains the level again from the store's latest checkpoint of the level below
-(or `--init`), with fields of the demo size's configuration of the level changed (`--set '{"video_feature_norm":
+(or `--init`), with fields of the demo size's configuration of the level changed (`--set '{"video_feature_whiten":
 false}'`), captions the store with it through the pipeline's own caption stage, and prints the test split's
 semantic scores and, for each summary, whether it copies the activity sequence its input descriptions state:
 
-    python bench/retrain_level.py recap-store/demo --epochs 10 --set '{"video_feature_norm": false}'
+    python bench/retrain_level.py recap-store/demo --epochs 15 --set '{"video_feature_whiten": false}' --method greedy
     python bench/retrain_level.py recap-store/demo --epochs 10 --non-recursive --init recap-store/demo/checkpoints/segment/<run>/epoch-0030
     python bench/retrain_level.py recap-store/demo --only-copy     # the published summaries (current/), untouched
     python bench/retrain_level.py recap-store/demo --level segment --epochs 30 --set '{"video_feature_norm": true}'
@@ -36,7 +36,7 @@ LOWER = {"segment": "clip", "video": "segment"}
 
 
 def retrain(store: Store, config, level: str, epochs: int, changes: dict, recursive: bool, init: str | None,
-            method: str = "greedy", checkpoint: str | None = None):
+            method: str | None = None, checkpoint: str | None = None):
     """The caption stage of `level`, of a retrained variant."""
     models.recap.DEMO_LEVELS[level].update(changes)  # in the run's fingerprint
     level_config = pipeline.train.level_config
@@ -49,7 +49,9 @@ def retrain(store: Store, config, level: str, epochs: int, changes: dict, recurs
         checkpoint = store.abs(pipeline.train.train(
             config, store, level, init_from=init or latest_checkpoint(store, LOWER[level]),
             lower_versions=[lower.version()] if recursive else []).checkpoint)
-    decoding = replace(config, captions=replace(config.captions, method=method))  # this level's only: not `lower`'s
+    decoding = config  # a decoding of this level's only: not `lower`'s
+    if method:
+        decoding = replace(config, captions=replace(config.captions, method=method, video_method=method))
     stage = caption_stage(decoding, level, checkpoint, lower, features)
     run_stage(stage, store, executor="local")
     return stage
@@ -86,8 +88,8 @@ def main() -> None:
     parser.add_argument("--set", default="{}", help="JSON of RecapConfig fields for the level's model")
     parser.add_argument("--non-recursive", action="store_true")
     parser.add_argument("--init", help="init checkpoint (default: the store's latest checkpoint of the level below)")
-    parser.add_argument("--method", choices=("greedy", "beam"), default="greedy", help="decoding (a trained variant "
-                        "is not trained again: its checkpoint is found by its fingerprint)")
+    parser.add_argument("--method", choices=("greedy", "beam"), help="decoding of the level (default: the store's "
+                        "settings; a trained variant is not trained again: its run is found by its fingerprint)")
     parser.add_argument("--checkpoint", help="caption with this checkpoint of the level: train nothing")
     parser.add_argument("--only-copy", action="store_true", help="score the published summaries, train nothing")
     parser.add_argument("--version", help="with --only-copy: score this caption version instead")

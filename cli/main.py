@@ -231,7 +231,8 @@ def _given(values: dict) -> dict:
 
 CheckpointOpt = Annotated[Optional[str], typer.Option(help="Our checkpoint folder or an official .pth "
                                                       "[default: latest trained in the store]")]
-MethodOpt = Annotated[Optional[str], typer.Option(help="greedy | beam | sample " + _setting("captions.method"))]
+MethodOpt = Annotated[Optional[str], typer.Option(help="greedy | beam | sample (summaries: sets captions.video_method) "
+                                                        + _setting("captions.method"))]
 BatchOpt = Annotated[Optional[int], typer.Option(help="Windows per generate call " + _setting("captions.batch_size"))]
 
 

@@ -305,10 +305,13 @@ class RecapModel(nn.Module):
         features (B, N, D) (CLS features, or stored tokens) pass through; learned positions are added."""
         context = self.vision_model.forward_tokens(video) if video.dim() == 5 else video
         if self.config.video_feature_norm and video.dim() != 5:
-            context = context - self.video_feature_mean
-            if self.config.video_feature_whiten:
-                context = context @ self.video_feature_basis
-            context = context / self.video_feature_std
+            # in float32 whatever the features were stored in, and outside autocast: a bf16 product would bury the
+            # low-variance axes that whitening exists to bring out
+            with torch.autocast(context.device.type, enabled=False):
+                context = context.float() - self.video_feature_mean
+                if self.config.video_feature_whiten:
+                    context = context @ self.video_feature_basis
+                context = context / self.video_feature_std
         if self.config.video_positions:
             if context.size(1) != self.config.video_positions:
                 raise ValueError(f"the video context has {context.size(1)} rows; the model's position embedding "
@@ -327,9 +330,13 @@ class RecapModel(nn.Module):
             variance, basis = torch.linalg.eigh(torch.cov((rows - mean).T))
             self.video_feature_basis.copy_(basis)
             std = variance.clamp_min(0).sqrt()
+            # LayerNorm'd features have a null axis (and float16 storage puts rounding noise on it): never
+            # stretched more than 100-fold beyond the widest axis's scale
+            floor = 1e-2 * float(std.max())
         else:
             std = rows.std(0)
-        floor = max(1e-3 * float(std.mean()), 1e-6)  # a direction constant in training must not be scaled up 1e6-fold
+            floor = 1e-3 * float(std.mean())  # a channel constant in training must not be scaled up 1e6-fold
+        floor = max(floor, 1e-6)
         self.video_feature_mean.copy_(mean)
         self.video_feature_std.copy_(std.clamp_min(floor))
 

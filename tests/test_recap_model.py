@@ -305,11 +305,19 @@ def test_feature_whitening_decorrelates_the_features_along_their_principal_axes(
     torch.manual_seed(0)
     model = RecapModel(config).eval()
     # a few dominant directions that mix every channel, as a contrastively trained encoder's features have
-    mixing = torch.randn(64, 64) * torch.logspace(0.5, -1, 64)[:, None]
+    mixing = torch.logspace(0.5, -1, 64)[:, None] * torch.linalg.qr(torch.randn(64, 64))[0]  # axes of std 3.2 to 0.1
     model.set_feature_stats(torch.randn(8000, 64) @ mixing + 2.0)
-    whitened = model.encode_video((torch.randn(4, 2000, 64) @ mixing + 2.0)).reshape(-1, 64)
+    video = torch.randn(4, 2000, 64) @ mixing + 2.0
+    whitened = model.encode_video(video).reshape(-1, 64)
     assert torch.cov(whitened.T).sub(torch.eye(64)).abs().max() < 0.1  # per channel alone leaves correlations
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as training runs on CUDA: the whitening stays in float32
+        assert torch.equal(model.encode_video(video).reshape(-1, 64), whitened)
+    assert torch.allclose(model.encode_video(video.half()).reshape(-1, 64), whitened, atol=0.05)  # stored float16
     checkpoint.save(model, None, tmp_path / "ckpt")
     assert torch.equal(checkpoint.load(tmp_path / "ckpt")[0].video_feature_basis, model.video_feature_basis)
+    # LayerNorm'd features have a null axis: it is stretched no more than 100-fold beyond the widest one's scale
+    rows = torch.randn(8000, 64) @ mixing
+    model.set_feature_stats(rows - rows.mean(1, keepdim=True))
+    assert model.video_feature_std.min() == pytest.approx(1e-2 * model.video_feature_std.max().item())
     with pytest.raises(ValueError, match="video_feature_whiten needs video_feature_norm"):
         RecapConfig.preset("segment", "tiny").with_overrides({"video_feature_whiten": True})
