@@ -96,7 +96,6 @@ def main() -> None:
     args = parser.parse_args()
     store = Store(args.store)
     config = settle(args.store, record=False)
-    stages = build_stages(config, store)
     if args.only_copy:
         version = args.version or (current_versions(store) or {}).get(args.level)
         if version is None:
@@ -110,7 +109,8 @@ def main() -> None:
     print(f"{version}: " + ", ".join(f"{k} {v:.2f}" if k == "sequence_edit" else f"{k} {v:.1f}"
                                              for k, v in scores.items()))
     if args.level == "video":
-        print("copy fidelity:", dict(copy_fidelity(store, stages[2].version(), version)))
+        segment_version = build_stages(config, store)[2].version()  # the store's latest segment checkpoint's
+        print("copy fidelity:", dict(copy_fidelity(store, segment_version, version)))
 
 
 if __name__ == "__main__":

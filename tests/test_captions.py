@@ -275,3 +275,19 @@ def test_a_stage_run_leaves_the_caller_s_torch_threads_as_they_were(featured_sto
         assert summary.done == 6 and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_summaries_method_flag_decodes_the_summaries_only(featured_store, checkpoints, tmp_path):
+    """`recap summaries --method beam` records captions.video_method: the clip captions and segment
+    descriptions it reads stay the versions already made, so the summaries are made, not blocked."""
+    from pipeline.config import settle
+
+    store = copy_store(featured_store, tmp_path / "s")
+    toml = write_toml(tmp_path / "c.toml", config_for(store.root, checkpoints))
+    run_cli("run", "--local", "--config", str(toml), check=True)
+    run_cli("summaries", "--local", "--method", "beam", "--store", str(store.root), check=True)  # remembers the rest
+    settled = settle(str(store.root), record=False)
+    assert (settled.captions.method, settled.captions.video_method) == ("greedy", "beam")
+    stages = build_stages(settled, store)
+    assert [s.method for s in stages[1:]] == ["greedy", "greedy", "beam"]
+    assert len(store.markers(stages[3].name, stages[3].version())) == 6
