@@ -82,8 +82,12 @@ class CaptionStage(Stage):
 
     def version(self) -> str:
         if self._version is None:
-            params = {"weights": weights_id(self.checkpoint), "method": self.method, "beams": self.num_beams,
-                      "top_p": self.top_p, "upstream": self.upstream.version(), "windows": self.output_params()}
+            # a setting the method does not read keeps its default here: changing the beam width must not
+            # recompute greedy captions (nor the levels above them)
+            beams = self.num_beams if self.method == "beam" else CaptionStage.num_beams
+            top_p = self.top_p if self.method == "sample" else CaptionStage.top_p
+            params = {"weights": weights_id(self.checkpoint), "method": self.method, "beams": beams,
+                      "top_p": top_p, "upstream": self.upstream.version(), "windows": self.output_params()}
             self._version = f"{self.level}-{fingerprint(params, length=8)}"
         return self._version
 

@@ -28,9 +28,9 @@ def checkpoints(tmp_path_factory):
     return {level: str(tiny_checkpoint(root / level, level)) for level in ("clip", "segment", "video")}
 
 
-def config_for(root, checkpoints, segment_s=24.0):
+def config_for(root, checkpoints, segment_s=24.0, captions=None):
     return load_config(store=str(root), features={"encoder": "tsf-tiny", "batch_size": 8}, windows={"segment_s": segment_s},
-                       captions={f"{k}_checkpoint": v for k, v in checkpoints.items()} | {"batch_size": 16})
+                       captions={f"{k}_checkpoint": v for k, v in checkpoints.items()} | {"batch_size": 16} | (captions or {}))
 
 
 def write_toml(path, config):
@@ -260,6 +260,11 @@ def test_a_version_changes_only_with_what_changes_its_output(featured_store, che
                                  windows={"segment_s": 24.0}, captions={
                                      **{f"{k}_checkpoint": v for k, v in checkpoints.items()}, "batch_size": 3}))
     assert batch == base  # how many windows go through the model at once changes nothing
+    decoding = lambda **c: versions(config_for(featured_store, checkpoints, captions=c))
+    assert decoding(num_beams=8, top_p=0.5) == base  # greedy decoding reads neither
+    wider = decoding(video_method="beam", num_beams=8)
+    assert wider[:3] == decoding(video_method="beam")[:3] == base[:3]  # the levels below decode greedily
+    assert wider[3] != decoding(video_method="beam")[3] != base[3]
 
 
 @pytest.mark.parametrize("local", [False, True])
