@@ -673,11 +673,14 @@ def report(store: StoreOpt = None, config: ConfigOpt = None,
 def demo(store: Annotated[str, typer.Option("--store", "-s", help="Store root for the demo")] = "recap-store/demo",
          data: Annotated[Path, typer.Option(help="Where the demo corpus is generated")] = Path("data/demo"),
          preset: Annotated[str, typer.Option(help="Corpus preset")] = "demo",
-         seed: int = 0):
+         seed: int = 0,
+         pretrain: Annotated[bool, typer.Option(help="Pretrain the dual encoder and extract with it; "
+                                                     "--no-pretrain: the random encoder's features, no index "
+                                                     "(an ablation)")] = True):
     """The main job on the embedded synthetic corpus: generate, ingest, every stage, status."""
     from pipeline.demo import run_demo
 
-    _exit_for(*run_demo(store, data, preset, seed))
+    _exit_for(*run_demo(store, data, preset, seed, pretrain_encoder=pretrain))
 
 
 checkpoint_app = typer.Typer(no_args_is_help=True, context_settings=HELP, rich_markup_mode=None,

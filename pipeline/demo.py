@@ -62,8 +62,10 @@ def _with(config: Config, section: str, **values) -> Config:
     return replace(config, **{section: replace(getattr(config, section), **values)})
 
 
-def run_demo(store_root: str, data: Path, preset: str = "demo", seed: int = 0,
+def run_demo(store_root: str, data: Path, preset: str = "demo", seed: int = 0, pretrain_encoder: bool = True,
              stream=None) -> list[Summary]:
+    """`pretrain_encoder=False` is the ablation of the pretrained encoder: the features come from the randomly
+    initialised tiny encoder, and nothing is indexed (no dual encoder to embed the text with)."""
     stream = sys.stderr if stream is None else stream  # at the call: --log-file replaces it
     # Training runs here, while no stage works: it takes every core (faster than one: docs/caption-accuracy.md).
     # Stage workers set their own thread counts.
@@ -76,9 +78,10 @@ def run_demo(store_root: str, data: Path, preset: str = "demo", seed: int = 0,
     config = record_settings(demo_config(store_root, segment_s), stream)  # later commands need no flags
     store = Store(config.store)
     summaries = [ingest_hcap(store, str(data), str(data / "videos"), stream=stream)]
-    step("pretrain the dual encoder (contrastive, on the train narrations)")
-    encoder = pretrain(config, store, stream=stream)
-    config = record_settings(_with(config, "features", checkpoint=store.abs(encoder.checkpoint)), stream)
+    if pretrain_encoder:
+        step("pretrain the dual encoder (contrastive, on the train narrations)")
+        encoder = pretrain(config, store, stream=stream)
+        config = record_settings(_with(config, "features", checkpoint=store.abs(encoder.checkpoint)), stream)
 
     def stage_run(stage):
         summaries.append(run_stage(stage, store, executor=config.run.executor, max_retries=config.run.max_retries,
@@ -111,13 +114,15 @@ def run_demo(store_root: str, data: Path, preset: str = "demo", seed: int = 0,
     for level in LEVELS:  # the baselines trained last: caption commands default to the recursive models again
         record_latest(store, level, chain[f"{level}-checkpoint"])
     publish_current(config, store)  # current/: the recursive models' captions
-    step("index the captions for `recap search`")
-    stage_run(index_stage(config, store))
+    if pretrain_encoder:
+        step("index the captions for `recap search`")
+        stage_run(index_stage(config, store))
     step("evaluate on the test split")
     table = evaluation_table(store, {lvl: chain[lvl] for lvl in LEVELS}, baselines)
     print(format_table(table), file=sys.stdout)
-    print(file=sys.stdout)
-    evaluate_retrieval(config, store, stream=sys.stdout)
+    if pretrain_encoder:
+        print(file=sys.stdout)
+        evaluate_retrieval(config, store, stream=sys.stdout)
     step("done")
     return summaries
 
