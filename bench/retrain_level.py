@@ -11,6 +11,7 @@ semantic scores and, for each summary, whether it copies the activity sequence i
     python bench/retrain_level.py recap-store/demo --only-copy     # the published summaries (current/), untouched
     python bench/retrain_level.py recap-store/demo --level segment --epochs 30 --set '{"video_feature_norm": true}'
     python bench/retrain_level.py recap-store/demo --epochs 15 --train-seed 1   # the spread of one configuration
+    python bench/retrain_level.py recap-store/demo --level segment --epochs 30 --non-recursive --train-seed 1 --init CLIP_CKPT
 
 Runs get their own names (the variant is part of the run's fingerprint): nothing the demo wrote is replaced,
 though the newest training becomes the store's latest video checkpoint, as with `recap train`.
