@@ -301,6 +301,19 @@ def test_trained_clip_captions_beat_chance_on_the_facts(small_corpus_store):
     assert scores["colour"] >= 60 and scores["action"] > most_frequent_action and scores["distinct"] > 4, scores
 
 
+def test_each_level_trains_with_its_own_size_s_dropout_whatever_its_init_had():
+    from types import SimpleNamespace
+
+    from models.training import level_config
+
+    tokenizer = SimpleNamespace(vocab_size=600, bos_id=1, eos_id=2)
+    config = lambda level, init=None: level_config("demo", level, 64, 17, tokenizer, init=init)
+    segment = config("segment", init=config("clip"))
+    assert config("clip").dropout == segment.dropout == 0.0
+    assert config("video", init=segment).dropout == 0.1  # the demo's video level (docs/caption-accuracy.md)
+    assert config("video", init=segment).n_embd == segment.n_embd  # widths still come from the init
+
+
 def test_the_demo_video_model_whitens_its_features_with_the_train_split_s_statistics(store):
     from stages.examples import ExampleReader
     from store import FeatureSet
