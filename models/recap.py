@@ -35,8 +35,7 @@ SIZES = ("base", "demo", "tiny")
 # Trained from scratch, the official layout underfits: each of these was measured on the demo
 # corpus (docs/caption-accuracy.md): cross-attention in every Q-Former layer, open decoder gates,
 # a LayerNorm on the text context, learned positions of the clip level's tokens (`models.training.level_config`),
-# no dropout below the video level; at the video level whitened features, and dropout 0.1 (64 videos: without it the
-# recursive model garbles the summaries' object lists, and a summary the grammar cannot read misses the place).
+# no dropout, whitened features at the video level.
 DEMO_WIDTHS = dict(qformer_hidden_size=128, qformer_num_layers=2, qformer_num_heads=4, qformer_intermediate_size=256,
                    qformer_cross_attention_freq=1, gate_init=1.0, dropout=0.0, text_context_norm=True,
                    qformer_vocab_size=30, qformer_max_positions=16,
@@ -44,7 +43,7 @@ DEMO_WIDTHS = dict(qformer_hidden_size=128, qformer_num_layers=2, qformer_num_he
 DEMO_LEVELS = {"clip": dict(num_video_queries=16),
                "segment": dict(num_video_feat=16, num_video_queries=8, num_text_queries=32),
                "video": dict(num_video_feat=32, num_video_queries=16, num_text_queries=96, video_feature_norm=True,
-                             video_feature_whiten=True, dropout=0.1)}
+                             video_feature_whiten=True)}
 
 OFFICIAL_DATASETS = {"clip_caption": "clip", "segment_description": "segment", "video_summary": "video"}
 

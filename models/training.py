@@ -44,7 +44,7 @@ def level_config(size: str, level: str, feature_dim: int, tokens_per_window: int
         # ReCap-U reads window tokens and CLS rows through one set of weights: one set of statistics fits neither
         "video_feature_norm": sized.video_feature_norm and level != "unified",
         "video_feature_whiten": sized.video_feature_whiten and level != "unified",
-        "dropout": sized.dropout,  # the level's own (the demo's video level: 0.1; its init, the segment model: 0)
+        "dropout": sized.dropout,  # the level's own size's, not its init checkpoint's
         "max_gen_tokens": sized.max_gen_tokens, "vocab_size": tokenizer.vocab_size,
         "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id})
 

@@ -307,11 +307,12 @@ def test_each_level_trains_with_its_own_size_s_dropout_whatever_its_init_had():
     from models.training import level_config
 
     tokenizer = SimpleNamespace(vocab_size=600, bos_id=1, eos_id=2)
-    config = lambda level, init=None: level_config("demo", level, 64, 17, tokenizer, init=init)
-    segment = config("segment", init=config("clip"))
-    assert config("clip").dropout == segment.dropout == 0.0
-    assert config("video", init=segment).dropout == 0.1  # the demo's video level (docs/caption-accuracy.md)
-    assert config("video", init=segment).n_embd == segment.n_embd  # widths still come from the init
+    config = lambda size, level, init=None: level_config(size, level, 64, 17, tokenizer, init=init)
+    demo_segment = config("demo", "segment", init=config("demo", "clip"))
+    assert demo_segment.dropout == 0.0
+    assert config("demo", "video", init=demo_segment.with_overrides({"dropout": 0.3})).dropout == 0.0
+    assert config("tiny", "video", init=demo_segment).dropout == RecapConfig.preset("video", "tiny").dropout == 0.1
+    assert config("tiny", "video", init=demo_segment).n_embd == demo_segment.n_embd  # widths still come from the init
 
 
 def test_the_demo_video_model_whitens_its_features_with_the_train_split_s_statistics(store):
