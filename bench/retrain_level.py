@@ -11,6 +11,7 @@ semantic scores and, for each summary, whether it copies the activity sequence i
     python bench/retrain_level.py recap-store/demo --only-copy     # the published summaries (current/), untouched
     python bench/retrain_level.py recap-store/demo --level segment --epochs 30 --set '{"video_feature_norm": true}'
     python bench/retrain_level.py recap-store/demo --epochs 15 --train-seed 1   # the spread of one configuration
+    python bench/retrain_level.py recap-store/demo --epochs 15 --no-reordered   # without the reordered summaries
     python bench/retrain_level.py recap-store/demo --level segment --epochs 30 --non-recursive --train-seed 1 --init CLIP_CKPT
 
 Runs get their own names (the variant is part of the run's fingerprint): nothing the demo wrote is replaced,
@@ -38,14 +39,16 @@ LOWER = {"segment": "clip", "video": "segment"}
 
 
 def retrain(store: Store, config, level: str, epochs: int, changes: dict, recursive: bool, init: str | None,
-            method: str | None = None, checkpoint: str | None = None, train_seed: int | None = None):
+            method: str | None = None, checkpoint: str | None = None, train_seed: int | None = None,
+            reordered: bool = True):
     """The caption stage of `level`, of a retrained variant."""
     models.recap.DEMO_LEVELS[level].update(changes)  # in the run's fingerprint
     level_config = pipeline.train.level_config
     # the init checkpoint's configuration is the base (models.training.level_config): apply the changes on top
     pipeline.train.level_config = lambda *a, **k: level_config(*a, **k).with_overrides(changes)
     seed = config.train.seed if train_seed is None else train_seed
-    config = replace(config, train=replace(config.train, epochs=epochs, recursive=recursive, seed=seed))
+    config = replace(config, train=replace(config.train, epochs=epochs, recursive=recursive, seed=seed,
+                                           reordered=reordered))
     features, *captions = build_stages(config, store)
     lower = captions[LEVELS.index(LOWER[level])]
     if checkpoint is None:
@@ -92,6 +95,8 @@ def main() -> None:
     parser.add_argument("--non-recursive", action="store_true")
     parser.add_argument("--train-seed", type=int, help="the training run's seed (default: the store's); runs "
                         "that differ only in it give the spread of one configuration")
+    parser.add_argument("--no-reordered", action="store_true", help="leave the store's reordered summaries out "
+                        "(groundtruth/reordered.parquet): the video level as trained before they existed")
     parser.add_argument("--init", help="init checkpoint (default: the store's latest checkpoint of the level below)")
     parser.add_argument("--method", choices=("greedy", "beam"), help="decoding of the level (default: the store's "
                         "settings; a trained variant is not trained again: its run is found by its fingerprint)")
@@ -107,7 +112,7 @@ def main() -> None:
             raise SystemExit(f"{args.store}: no current {args.level} captions (current/); publish them or give --version")
     else:
         version = retrain(store, config, args.level, args.epochs, json.loads(args.set), not args.non_recursive,
-                          args.init, args.method, args.checkpoint, args.train_seed).version()
+                          args.init, args.method, args.checkpoint, args.train_seed, not args.no_reordered).version()
     pairs = match_windows(store, args.level, version, "test")
     found = pairs[pairs["iou"].notna()]
     scores = semantic_scores(args.level, found["prediction"].tolist(), found["facts"].tolist())

@@ -53,6 +53,8 @@ class TrainConfig:
     freeze: str = "official"     # official (cross-attention, layer norms, queries train) | none
     lower: str = "predicted"     # segment / video text input: predicted lower-level captions | groundtruth
     recursive: bool = True       # False: no lower-level text at all (the paper's non-recursive baseline)
+    reordered: bool = True       # recursive video level: also the store's reordered summaries, if it has any
+                                 # (groundtruth/reordered.parquet: segments told in other orders)
     tokenizer: str = ""          # local GPT-2 tokenizer folder; empty = BPE trained on the corpus captions
     vocab_size: int = 1000       # for the corpus BPE tokenizer
     seed: int = 0

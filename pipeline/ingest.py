@@ -11,8 +11,10 @@ from pathlib import Path
 import pyarrow as pa
 
 from pipeline.progress import Progress, Summary
-from stages.ingest import VIDEO_SUFFIXES, list_videos, probe_video, read_hcap, read_hcap_queries
-from store import Store, fingerprint, read_videos, register_videos, video_id_for, write_groundtruth, write_queries
+from stages.ingest import VIDEO_SUFFIXES, list_videos, probe_video, read_hcap, read_hcap_queries, read_hcap_reordered
+from store import (
+    Store, fingerprint, read_videos, register_videos, video_id_for, write_groundtruth, write_queries, write_reordered,
+)
 
 STAGE, VERSION = "ingest", "v1"
 
@@ -84,9 +86,9 @@ def ingest(store: Store, sources: list[str], threads: int = 4, stream=None) -> S
 
 def ingest_hcap(store: Store, metadata_dir: str, videos_root: str, threads: int = 4,
                 stream=None) -> Summary:
-    """Ego4D-HCap: ground truth from the metadata files (and a synthetic corpus's retrieval queries), and
-    ROOT/{vid}.mp4 registered. The ground truth is keyed by the registry's ids (an id unsafe as a file name is
-    cleaned the same way in both)."""
+    """Ego4D-HCap: ground truth from the metadata files (and a synthetic corpus's retrieval queries and reordered
+    summaries), and ROOT/{vid}.mp4 registered. The ground truth is keyed by the registry's ids (an id unsafe as a
+    file name is cleaned the same way in both)."""
     stream = sys.stderr if stream is None else stream
     tables = read_hcap(metadata_dir)
     root = videos_root.rstrip("/")
@@ -98,11 +100,12 @@ def ingest_hcap(store: Store, metadata_dir: str, videos_root: str, threads: int 
             write_groundtruth(store, level, table.set_column(table.schema.get_field_index("video_id"), "video_id",
                                                              keyed))
             print(f"[{STAGE}] ground truth {level}: {table.num_rows} rows", file=stream)
-    queries = read_hcap_queries(metadata_dir)
-    if queries is not None and queries.num_rows:
-        keyed = pa.array([ids[v] for v in queries["video_id"].to_pylist()], pa.string())
-        write_queries(store, queries.set_column(queries.schema.get_field_index("video_id"), "video_id", keyed))
-        print(f"[{STAGE}] retrieval queries: {queries.num_rows} rows", file=stream)
+    for name, table, write in (("retrieval queries", read_hcap_queries(metadata_dir), write_queries),
+                               ("reordered summaries", read_hcap_reordered(metadata_dir), write_reordered)):
+        if table is not None and table.num_rows:
+            keyed = pa.array([ids[v] for v in table["video_id"].to_pylist()], pa.string())
+            write(store, table.set_column(table.schema.get_field_index("video_id"), "video_id", keyed))
+            print(f"[{STAGE}] {name}: {table.num_rows} rows", file=stream)
     return ingest(store, sorted(set(uris.values())), threads, stream)
 
 

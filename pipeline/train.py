@@ -16,9 +16,10 @@ after completion does nothing, and after a kill resumes from the last committed 
 
 from __future__ import annotations
 
+import json
 import sys
 import time
-from dataclasses import asdict, astuple, dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -33,8 +34,8 @@ from models.recap import SIZES
 from models.training import FREEZE, MODEL_RULES, level_config
 from stages.train import Item, TrainPlan, train_worker
 from store import (
-    LEVEL, LEVELS, Store, epoch_dir, fingerprint, last_epoch, latest_checkpoint, read_captions, read_groundtruth,
-    record_latest,
+    LEVEL, LEVELS, REORDERED_REL, Store, epoch_dir, fingerprint, last_epoch, latest_checkpoint, read_captions,
+    read_groundtruth, read_reordered, record_latest,
 )
 
 CURRICULUM = {"clip": ("clip",), "segment": ("segment",), "video": ("video",), "unified": LEVELS}
@@ -61,12 +62,16 @@ def train(config: Config, store: Store, level: str, *, init_from: str | None = N
     features = features_stage(config)
     levels = CURRICULUM[level]
     targets = {split: {lvl: _targets(store, lvl, split) for lvl in levels} for split in ("train", "val")}
+    if "video" in levels and settings.recursive and settings.reordered:
+        targets["train"]["video"] += _reordered_targets(store, stream)
     lower = {lvl: _lower_captions(store, lvl, settings.lower, lower_versions, targets, stream)
              for lvl in levels if LEVEL[lvl].lower and settings.recursive}
     feature_ids = _feature_fingerprints(store, features, targets, needs_tokens="clip" in levels)
 
-    params = {k: v for k, v in asdict(settings).items() if k != "workers" and (k != "lower" or lower)}
-    data = {split: {lvl: [astuple(i) for i in items] for lvl, items in by_level.items()}
+    # `reordered` shows in the data: runs from before it existed keep their names
+    params = {k: v for k, v in asdict(settings).items()
+              if k not in ("workers", "reordered") and (k != "lower" or lower)}
+    data = {split: {lvl: [i.key() for i in items] for lvl, items in by_level.items()}
             for split, by_level in targets.items()}
     architecture = [MODEL_RULES, RecapConfig.preset("video" if level == "unified" else level, settings.size).to_dict()]
     run = fingerprint(level, params, architecture, weights_id(init_from) if init_from else None, feature_ids, data,
@@ -123,6 +128,16 @@ def _targets(store: Store, level: str, split: str) -> list[Item]:
     if split == "train" and not items:
         raise ValueError(f"no {level} ground truth in the train split of {store.root}")
     return items
+
+
+def _reordered_targets(store: Store, stream) -> list[Item]:
+    """The store's reordered summaries of training videos (none: an empty list)."""
+    table = read_reordered(store, "train")
+    if table is None or not table.num_rows:
+        return []
+    print(f"[train video] {table.num_rows} reordered summaries ({REORDERED_REL})", file=stream)
+    return [Item(r["video_id"], r["start_s"], r["end_s"], r["text"], tuple(map(tuple, json.loads(r["parts"]))))
+            for r in table.to_pylist()]
 
 
 def _lower_captions(store: Store, level: str, source: str, versions: Sequence[str], targets: dict, stream):

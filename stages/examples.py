@@ -6,7 +6,9 @@ segment  `num_feat` CLS rows sampled in the segment window (zero-padded, masked)
 video    `num_feat` CLS rows sampled over the whole video (zero-padded, masked)
          + the segment descriptions, each stripped of '.', joined with '. '
 A lower-level caption belongs to a window when it starts at or after the
-window's start and ends at or before its end.
+window's start and ends at or before its end. A reordered summary's example
+(training only) reads its parts' captions in the order it tells them: a
+caption belongs to the part holding its midpoint.
 """
 
 from __future__ import annotations
@@ -90,15 +92,19 @@ class ExampleReader:
                 for i, ((s, e), r) in enumerate(zip(spans, rows))]
 
     def span(self, video_id: str, start: float, end: float, lower: list[tuple[float, float, str]],
-             target: str | None = None) -> Example:
-        """Segment or video example: CLS rows sampled in [start, end] + lower-level captions inside it."""
+             target: str | None = None, parts: tuple[tuple[float, float], ...] = ()) -> Example:
+        """Segment or video example: CLS rows sampled in [start, end] + lower-level captions inside it (those of
+        each of `parts` in turn, where given)."""
         windows = self.windows(video_id)
         rows = np.flatnonzero(inside(windows, start, end))
         if len(rows) == 0:  # a window shorter than one clip: take the one overlapping it most
             rows = np.array([best_window(windows, start, end)])
         picked = rows[sample_indices(len(rows), self.num_feat)]
         video, mask = pad_rows(self.features.read_cls(video_id, picked).astype(np.float32), self.num_feat)
-        texts = [t for s, e, t in sorted(lower) if s >= start - EPS and e <= end + EPS]
+        if parts:
+            texts = [t for ps, pe in parts for s, e, t in sorted(lower) if ps - EPS <= (s + e) / 2 <= pe + EPS]
+        else:
+            texts = [t for s, e, t in sorted(lower) if s >= start - EPS and e <= end + EPS]
         join = join_clip_captions if self.level == "segment" else join_segment_descriptions
         return Example(video_id, start, end, video, mask, join(texts), target)
 

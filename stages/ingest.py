@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stages.decode import quiet_decoders
-from store import GROUNDTRUTH_SCHEMA, file_digest, now_iso, sampled_digest, video_id_for
+from store import GROUNDTRUTH_SCHEMA, REORDERED_SCHEMA, file_digest, now_iso, sampled_digest, video_id_for
 
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v"}
 SPLITS = ("train", "val", "test")
@@ -196,6 +196,13 @@ def read_hcap_queries(metadata_dir: str | os.PathLike) -> pa.Table | None:
     (synth.queries), in the ground-truth schema; None for metadata without them (Ego4D-HCap)."""
     path = Path(metadata_dir) / "groundtruth" / "queries.parquet"
     return pq.read_table(path).select(GROUNDTRUTH_SCHEMA.names).cast(GROUNDTRUTH_SCHEMA) if path.is_file() else None
+
+
+def read_hcap_reordered(metadata_dir: str | os.PathLike) -> pa.Table | None:
+    """groundtruth/reordered.parquet, the summaries of training videos' segments told in other orders that our
+    synthetic corpus writes (synth.world.ReorderedSummary); None for metadata without them (Ego4D-HCap)."""
+    path = Path(metadata_dir) / "groundtruth" / "reordered.parquet"
+    return pq.read_table(path).select(REORDERED_SCHEMA.names).cast(REORDERED_SCHEMA) if path.is_file() else None
 
 
 def _facts(path: Path) -> dict[tuple[str, float, float], str]:

@@ -85,12 +85,18 @@ def warmup_cosine(total_steps: int, warmup_frac: float):
 
 @dataclass(frozen=True)
 class Item:
-    """One training example before reading features: a ground-truth caption and its window."""
+    """One training example before reading features: a ground-truth caption and its window; `parts`, where
+    set, the [start, end] of each lower-level window in the order the caption tells them (a reordered summary)."""
 
     video_id: str
     start_s: float
     end_s: float
     target: str
+    parts: tuple[tuple[float, float], ...] = ()
+
+    def key(self) -> tuple:
+        """What a run's fingerprint reads: `parts` only where set, so that runs without them keep their names."""
+        return (self.video_id, self.start_s, self.end_s, self.target) + ((self.parts,) if self.parts else ())
 
 
 @dataclass
@@ -132,7 +138,7 @@ class Examples:
             example = replace(self.reader.span(item.video_id, item.start_s, item.end_s, [], item.target), text=None)
         else:
             example = self.reader.span(item.video_id, item.start_s, item.end_s, self.lower[item.video_id],
-                                       item.target)
+                                       item.target, item.parts)
         if self.cached_bytes + example.video.nbytes <= EXAMPLE_CACHE_BYTES:
             self.cache[i] = example
             self.cached_bytes += example.video.nbytes

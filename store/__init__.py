@@ -8,8 +8,9 @@ from store.levels import LEVEL, LEVELS, Level, latest_checkpoint, record_latest
 from store.runs import commit_epoch, epoch_dir, last_epoch
 from store.store import Store, now_iso
 from store.tables import (
-    CAPTION_SCHEMA, GROUNDTRUTH_SCHEMA, QUERIES_REL, VIDEO_SCHEMA, captions_dir, captions_rel,
-    read_captions, read_groundtruth, read_queries, read_videos, register_videos, write_groundtruth, write_queries,
+    CAPTION_SCHEMA, GROUNDTRUTH_SCHEMA, QUERIES_REL, REORDERED_REL, REORDERED_SCHEMA, VIDEO_SCHEMA, captions_dir,
+    captions_rel, read_captions, read_groundtruth, read_queries, read_reordered, read_videos, register_videos,
+    write_groundtruth, write_queries, write_reordered,
 )
 
 __all__ = [
@@ -19,5 +20,6 @@ __all__ = [
     "CAPTION_SCHEMA", "GROUNDTRUTH_SCHEMA", "VIDEO_SCHEMA", "captions_dir", "captions_rel",
     "read_captions", "read_groundtruth", "read_videos", "register_videos", "write_groundtruth",
     "QUERIES_REL", "read_queries", "write_queries",
+    "REORDERED_REL", "REORDERED_SCHEMA", "read_reordered", "write_reordered",
     "committed_captions", "current_rel", "current_versions", "read_current", "write_current",
 ]

@@ -25,6 +25,10 @@ GROUNDTRUTH_SCHEMA = pa.schema([
     ("facts", pa.string()),  # JSON of what the caption states, where the corpus knows it (synth.facts); else null
 ])
 
+# Video-level training targets that tell a video's segments in another order: the ground-truth schema plus
+# `parts`, JSON of the [start, end] of each segment in the order the summary tells them (synth.world.ReorderedSummary).
+REORDERED_SCHEMA = GROUNDTRUTH_SCHEMA.append(pa.field("parts", pa.string()))
+
 CAPTION_SCHEMA = pa.schema([
     ("video_id", pa.string()), ("level", pa.string()), ("start_s", pa.float64()),
     ("end_s", pa.float64()), ("text", pa.string()), ("score", pa.float64()),
@@ -98,13 +102,13 @@ def write_groundtruth(store: Store, level: str, table: pa.Table) -> int:
     return _merge_by_video(store, groundtruth_rel(level), f"groundtruth-{level}", table)
 
 
-def _merge_by_video(store: Store, rel: str, lock: str, table: pa.Table) -> int:
-    table = _conform_groundtruth(table)
+def _merge_by_video(store: Store, rel: str, lock: str, table: pa.Table, conform=_conform_groundtruth) -> int:
+    table = conform(table)
     with store.lock(lock):
         old = store.read_table(rel)
         if old is not None:
             keep = pc.invert(pc.is_in(old["video_id"], value_set=pc.unique(table["video_id"])))
-            table = pa.concat_tables([_conform_groundtruth(old.filter(keep)), table])
+            table = pa.concat_tables([conform(old.filter(keep)), table])
         table = table.sort_by([("video_id", "ascending"), ("start_s", "ascending")])
         store.write_table(rel, table)
     return table.num_rows
@@ -114,9 +118,9 @@ def read_groundtruth(store: Store, level: str, split: str | None = None) -> pa.T
     return _read_split(store, groundtruth_rel(level), split)
 
 
-def _read_split(store: Store, rel: str, split: str | None) -> pa.Table | None:
+def _read_split(store: Store, rel: str, split: str | None, conform=_conform_groundtruth) -> pa.Table | None:
     table = store.read_table(rel)
-    table = None if table is None else _conform_groundtruth(table)
+    table = None if table is None else conform(table)
     if table is not None and split is not None:
         table = table.filter(pc.equal(table["split"], split))
     return table
@@ -135,6 +139,25 @@ def write_queries(store: Store, table: pa.Table) -> int:
 def read_queries(store: Store, split: str | None = None) -> pa.Table | None:
     """The retrieval queries (of one split), or None if the store has none."""
     return _read_split(store, QUERIES_REL, split)
+
+
+# ---- reordered summaries ----------------------------------------------------------
+
+REORDERED_REL = "groundtruth/reordered.parquet"
+
+
+def _conform_reordered(table: pa.Table) -> pa.Table:
+    return table.select(REORDERED_SCHEMA.names).cast(REORDERED_SCHEMA)
+
+
+def write_reordered(store: Store, table: pa.Table) -> int:
+    """Merge reordered summaries: rows of the given videos replace theirs."""
+    return _merge_by_video(store, REORDERED_REL, "groundtruth-reordered", table, _conform_reordered)
+
+
+def read_reordered(store: Store, split: str | None = None) -> pa.Table | None:
+    """The reordered summaries (of one split), or None if the store has none."""
+    return _read_split(store, REORDERED_REL, split, _conform_reordered)
 
 
 # ---- captions ----------------------------------------------------------------

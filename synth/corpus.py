@@ -14,9 +14,14 @@ from typing import Callable
 from synth import render
 from synth.presets import SPLITS, Preset, resolve
 from synth.world import Session, plan_corpus
-from synth.writer import QUERIES_FILE, write_groundtruth, write_json, write_mp4, write_queries
+from synth.writer import (
+    QUERIES_FILE, REORDERED_FILE, write_groundtruth, write_json, write_mp4, write_queries, write_reordered,
+)
 
 GENERATOR_VERSION = "2"  # 2: ground-truth tables carry facts
+# Preset fields that add side tables and leave the videos and the level tables as they were: a corpus written
+# before one existed is the same corpus, completed in place.
+SIDE_TABLE_FIELDS = ("reordered_summaries",)
 
 
 class CorpusMismatch(Exception):
@@ -50,7 +55,8 @@ def generate(preset: str | Preset, out: Path, seed: int = 0,
     done, videos in all)` as videos are written by `workers` processes (default:
     the usable CPUs). Same arguments, same bytes, whatever the number of workers.
     Re-running into a complete copy of the same corpus does nothing but add the
-    retrieval queries to a copy written before corpora had them."""
+    side tables (retrieval queries, reordered summaries) to a copy written
+    before corpora had them."""
     preset, out = resolve(preset), Path(out)
     sessions = plan_corpus(preset, seed)
     manifest = Manifest.of(preset, seed, sessions)
@@ -58,6 +64,9 @@ def generate(preset: str | Preset, out: Path, seed: int = 0,
     if _existing_manifest(out, manifest) == done:
         if not (out / "groundtruth" / QUERIES_FILE).is_file():
             write_queries(out, sessions, seed)
+        if not (out / "groundtruth" / REORDERED_FILE).is_file():
+            write_reordered(out, sessions)
+            write_json(out / "manifest.json", asdict(done))  # with today's preset fields
         return done
 
     (out / "videos").mkdir(parents=True, exist_ok=True)
@@ -73,6 +82,7 @@ def generate(preset: str | Preset, out: Path, seed: int = 0,
         _report(map(_write_video, *zip(*jobs)), len(jobs), progress)
     write_groundtruth(out, sessions)
     write_queries(out, sessions, seed)
+    write_reordered(out, sessions)
     write_json(out / "manifest.json", asdict(done))
     return done
 
@@ -96,6 +106,8 @@ def _existing_manifest(out: Path, ours: Manifest) -> Manifest | None:
     if not path.is_file():
         raise CorpusMismatch(f"{out} is not empty and holds no synthetic corpus; choose an empty directory")
     found = json.loads(path.read_text())
+    if isinstance(found.get("preset"), dict):  # written before a side table's field existed: the same videos
+        found["preset"] = {**{k: ours.preset[k] for k in SIDE_TABLE_FIELDS if k in ours.preset}, **found["preset"]}
     if [found.get(k) for k in ("generator_version", "preset", "seed")] != [
             ours.generator_version, ours.preset, ours.seed]:
         raise CorpusMismatch(

@@ -83,6 +83,15 @@ class SpanSummary:
 
 
 @dataclass(frozen=True)
+class ReorderedSummary:
+    """A training video's segments told in another order, summarised as if they had happened so: extra
+    video-level supervision that only the segment descriptions explain (the features are read as an unordered
+    set), so a recursive model learns to follow its descriptions in order rather than recall a video's story."""
+    segments: tuple[Segment, ...]  # in the order told
+    summary: str
+
+
+@dataclass(frozen=True)
 class Session:
     vid: str
     split: str
@@ -93,6 +102,7 @@ class Session:
     summary: str
     render_seed: int  # nuisance variation (object size, position, bubbles) for the renderer
     span_summaries: tuple[SpanSummary, ...] = ()
+    reordered_summaries: tuple[ReorderedSummary, ...] = ()
 
 
 def plan_corpus(preset: Preset, seed: int) -> list[Session]:
@@ -129,7 +139,10 @@ def plan_session(vid: str, split: str, preset: Preset, rng: np.random.Generator)
     render_seed = int(rng.integers(2**31))
     spans = _span_summaries(place, segments, np.random.default_rng([render_seed, 1])) \
         if preset.span_summaries and split == "train" else ()
-    return Session(vid, split, place, float(duration), tuple(clips), tuple(segments), summary, render_seed, spans)
+    reordered = _reordered_summaries(place, segments, preset.reordered_summaries,
+                                     np.random.default_rng([render_seed, 2])) if split == "train" else ()
+    return Session(vid, split, place, float(duration), tuple(clips), tuple(segments), summary, render_seed, spans,
+                   reordered)
 
 
 def _span_summaries(place: str, segments: list[Segment], rng: np.random.Generator) -> tuple[SpanSummary, ...]:
@@ -138,6 +151,19 @@ def _span_summaries(place: str, segments: list[Segment], rng: np.random.Generato
     runs = [segments[i:j] for i in range(n) for j in range(i + 1, n + 1) if j - i < n]
     return tuple(SpanSummary(tuple(run), captions.video_summary(
         place, [(g.activity, [c.action for c in g.clips]) for g in run], rng)) for run in runs)
+
+
+def _reordered_summaries(place: str, segments: list[Segment], n: int,
+                         rng: np.random.Generator) -> tuple[ReorderedSummary, ...]:
+    """Up to n distinct orders of the segments other than the true one (fewer when there are not so many)."""
+    orders, identity = [], tuple(range(len(segments)))
+    for _ in range(8 * n):  # a few draws more than needed: some repeat
+        order = tuple(int(i) for i in rng.permutation(len(segments)))
+        if len(orders) < n and order != identity and order not in orders:
+            orders.append(order)
+    told = [[segments[i] for i in order] for order in orders]
+    return tuple(ReorderedSummary(tuple(run), captions.video_summary(
+        place, [(g.activity, [c.action for c in g.clips]) for g in run], rng)) for run in told)
 
 
 def _activity_sequence(n: int, rng: np.random.Generator) -> list[str]:

@@ -27,6 +27,10 @@ GROUNDTRUTH_SCHEMA = pa.schema([
     ("facts", pa.string()),  # JSON: what the caption states (synth.facts)
 ])
 QUERIES_FILE = "queries.parquet"  # under groundtruth/, next to the level tables
+# Summaries of training videos' segments told in other orders (synth.world.ReorderedSummary): the ground-truth
+# schema plus `parts`, JSON of the [start, end] of each segment in the order the summary tells them.
+REORDERED_FILE = "reordered.parquet"
+REORDERED_SCHEMA = GROUNDTRUTH_SCHEMA.append(pa.field("parts", pa.string()))
 
 
 def write_mp4(path: Path, frames: Iterable[np.ndarray], width: int, height: int, fps: int, gop: int) -> None:
@@ -76,6 +80,16 @@ def write_groundtruth(out: Path, sessions: list[Session]) -> None:
             "facts": [json.dumps(r[4], sort_keys=True) for r in rows],
         }, schema=GROUNDTRUTH_SCHEMA)
         _write_parquet(table, out / "groundtruth" / f"{level}.parquet")
+
+
+def write_reordered(out: Path, sessions: list[Session]) -> None:
+    """groundtruth/reordered.parquet: the reordered summaries of the training videos (none: an empty table)."""
+    rows = [{"video_id": s.vid, "split": s.split, "level": "video", "start_s": 0.0, "end_s": s.duration_s,
+             "text": r.summary, "facts": json.dumps(facts_of_video(s.place, r.segments), sort_keys=True),
+             "parts": json.dumps([[g.start_s, g.end_s] for g in r.segments])}
+            for s in sessions for r in s.reordered_summaries]
+    (out / "groundtruth").mkdir(exist_ok=True)
+    _write_parquet(pa.Table.from_pylist(rows, schema=REORDERED_SCHEMA), out / "groundtruth" / REORDERED_FILE)
 
 
 def write_queries(out: Path, sessions: list[Session], seed: int) -> None:

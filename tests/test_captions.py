@@ -220,6 +220,22 @@ def test_segment_and_video_examples_hold_exactly_the_lower_captions_in_order(fea
         assert whole.text == " ".join(s["text"].strip(".").strip() + "." for s in segments)
 
 
+def test_a_reordered_summary_s_example_reads_the_descriptions_in_the_order_it_tells(featured_store, checkpoints):
+    """Training only: the same features as the video's own example, its parts' descriptions in the parts' order."""
+    store = Store(featured_store)
+    features = build_stages(config_for(store.root, checkpoints), store)[0].feature_set(store)
+    reader = ExampleReader(features, "video", 8)
+    video_id = read_videos(store)[0]["video_id"]
+    # predicted descriptions: the last window runs into the tail, past its segment's end
+    lower = [(0.0, 24.0, "C sorted the red cubes."), (24.0, 48.0, "C washed the ball."), (48.0, 53.0, "C stacked.")]
+    parts = ((48.0, 52.0), (0.0, 24.0), (24.0, 48.0))
+    told = reader.span(video_id, 0.0, 53.0, lower, "target", parts)
+    in_time = reader.span(video_id, 0.0, 53.0, lower, "target")
+    assert told.text == "C stacked. C sorted the red cubes. C washed the ball."
+    assert in_time.text == "C sorted the red cubes. C washed the ball. C stacked."
+    assert np.array_equal(told.video, in_time.video) and np.array_equal(told.video_mask, in_time.video_mask)
+
+
 def test_the_lower_level_text_reaches_the_model(featured_store, checkpoints):
     """Other clip captions give a segment model other queries and other logits; so does other video."""
     from models import checkpoint as ckpt

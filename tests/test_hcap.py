@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.ingest import ingest_hcap
 from stages.ingest import read_hcap
-from store import read_groundtruth, read_videos
+from store import read_groundtruth, read_reordered, read_videos
 
 from conftest import run_cli
 
@@ -72,3 +72,16 @@ def test_ground_truth_is_keyed_by_the_registry_ids(store, tiny_corpus, tmp_path)
     registered = [v["video_id"] for v in read_videos(store)]
     assert len(registered) == 1 and registered[0] != raw
     assert read_groundtruth(store, "clip")["video_id"].to_pylist() == registered
+
+
+def test_a_corpus_s_reordered_summaries_reach_the_store(store, tmp_path):
+    import dataclasses
+
+    import synth
+
+    corpus = tmp_path / "corpus"
+    synth.generate(dataclasses.replace(synth.PRESETS["tiny"], reordered_summaries=2), corpus, seed=0)
+    ingest_hcap(store, str(corpus), str(corpus / "videos"))
+    expected = pq.read_table(corpus / "groundtruth" / "reordered.parquet")
+    assert expected.num_rows and _rows(read_reordered(store)) == _rows(expected)
+    assert _rows(read_reordered(store, "train")) == _rows(expected) and not read_reordered(store, "test").num_rows

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import pickle
 import re
 import subprocess
@@ -272,6 +273,52 @@ def test_span_summaries_cover_every_run_of_segments_of_training_videos_only():
             assert p.segments == tuple(g for g in s.segments if p.start_s <= g.start_s and g.end_s <= p.end_s)
 
 
+def test_reordered_summaries_tell_a_training_video_s_segments_in_other_orders():
+    told = plan_corpus(PRESETS["demo"], 0)
+    for s in told:
+        if s.split != "train":
+            assert not s.reordered_summaries
+            continue
+        orders = [tuple(s.segments.index(g) for g in r.segments) for r in s.reordered_summaries]
+        assert len(orders) == min(4, math.factorial(len(s.segments)) - 1) == len(set(orders))
+        assert all(sorted(order) == list(range(len(s.segments))) != list(order) for order in orders)
+        for r in s.reordered_summaries:
+            assert facts.parse("video", r.summary) == {"place": s.place, "activities": [g.activity for g in r.segments]}
+    # from a random stream of their own: every other part of the plan is as without them
+    without = plan_corpus(dataclasses.replace(PRESETS["demo"], reordered_summaries=0), 0)
+    assert [dataclasses.replace(s, reordered_summaries=()) for s in told] == without
+
+
+def test_the_reordered_table_names_the_parts_in_the_order_told(tmp_path):
+    preset = dataclasses.replace(TINY, reordered_summaries=2)
+    generate(preset, tmp_path, seed=0)
+    rows = pq.read_table(tmp_path / "groundtruth" / "reordered.parquet").to_pylist()
+    segments = pq.read_table(tmp_path / "groundtruth" / "segment.parquet").to_pylist()
+    train = [s for s in plan_corpus(preset, 0) if s.split == "train"]
+    assert len(rows) == sum(len(s.reordered_summaries) for s in train) > 0
+    for r in rows:
+        parts = json.loads(r["parts"])
+        told = [next(g for g in segments if g["video_id"] == r["video_id"] and [g["start_s"], g["end_s"]] == part)
+                for part in parts]
+        assert json.loads(r["facts"]) == facts.parse("video", r["text"])
+        assert json.loads(r["facts"])["activities"] == [json.loads(g["facts"])["activity"] for g in told]
+
+
+def test_a_corpus_written_before_reordered_summaries_is_completed_in_place(corpus, tmp_path):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(corpus, old)
+    (old / "groundtruth" / "reordered.parquet").unlink()
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["preset"]["reordered_summaries"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    videos = {p: p.stat().st_mtime_ns for p in (old / "videos").iterdir()}
+    assert generate("tiny", old, seed=0).complete
+    assert {p: p.stat().st_mtime_ns for p in (old / "videos").iterdir()} == videos
+    assert digests(old) == digests(corpus)
+
+
 def test_the_ground_truth_tables_carry_the_facts(corpus):
     for level in ("clip", "segment", "video"):
         rows = pq.read_table(corpus / "groundtruth" / f"{level}.parquet").to_pylist()
@@ -308,14 +355,20 @@ def test_queries_leave_every_other_file_of_a_seed_as_it_was(corpus):
     hcap = hashlib.sha256()
     for path in sorted(p for p in corpus.iterdir() if p.suffix in (".pkl", ".json")):
         hcap.update(path.name.encode())
-        hcap.update(path.read_bytes())
+        if path.name == "manifest.json":  # as written before the preset had this field
+            manifest = json.loads(path.read_text())
+            del manifest["preset"]["reordered_summaries"]
+            hcap.update((json.dumps(manifest, indent=1) + "\n").encode())
+        else:
+            hcap.update(path.read_bytes())
     parquet = hashlib.sha256()
     for level in ("clip", "segment", "video"):
         parquet.update(json.dumps(pq.read_table(corpus / "groundtruth" / f"{level}.parquet").to_pylist()).encode())
-    plan = hashlib.sha256(repr([dataclasses.asdict(s) for s in plan_corpus(TINY, 0)]).encode())
+    plan = hashlib.sha256(repr([{k: v for k, v in dataclasses.asdict(s).items() if k != "reordered_summaries"}
+                                for s in plan_corpus(TINY, 0)]).encode())
     assert {"hcap": hcap.hexdigest(), "parquet": parquet.hexdigest(), "plan": plan.hexdigest()} == BEFORE_QUERIES
     assert sorted(p.name for p in (corpus / "groundtruth").iterdir()) == [
-        "clip.parquet", "queries.parquet", "segment.parquet", "video.parquet"]
+        "clip.parquet", "queries.parquet", "reordered.parquet", "segment.parquet", "video.parquet"]
 
 
 def test_every_unit_has_one_query_stating_its_facts(corpus):

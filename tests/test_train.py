@@ -336,3 +336,26 @@ def test_the_demo_video_model_whitens_its_features_with_the_train_split_s_statis
     assert (covariance - torch.diag(covariance.diag())).abs().max() < 1e-4 * covariance.diag().max()
     floor = 1e-2 * float(projected.std(0).max())
     assert torch.allclose(model.video_feature_std, projected.std(0).clamp_min(floor).float(), rtol=1e-4)
+
+
+def test_reordered_summaries_are_targets_of_the_recursive_video_level_only(store):
+    """Each reordered summary is one more training example of the recursive video model; the non-recursive one,
+    which has no text to read the order from, and `reordered = false` leave them out; a run without them keeps
+    the name it had before they existed."""
+    from store import REORDERED_SCHEMA, write_reordered
+
+    before, _ = run(store, level="video", lower="groundtruth", epochs=1)
+    videos = read_groundtruth(store, "video", "train").to_pylist()
+    segments = read_groundtruth(store, "segment", "train").to_pylist()
+    rows = [{**video, "text": "In the garden, C washed the ball, then sorted the cubes.", "facts": None,
+             "parts": json.dumps([[s["start_s"], s["end_s"]] for s in segments if s["video_id"] == video["video_id"]]
+                                 [::-1])} for video in videos]
+    write_reordered(store, pa.Table.from_pylist(rows, schema=REORDERED_SCHEMA))
+
+    told, log = run(store, level="video", lower="groundtruth", epochs=1)
+    assert told.trained and told.run != before.run
+    assert f"{len(rows)} reordered summaries" in log and f"{len(videos) + len(rows)} video training examples" in log
+    without, _ = run(store, level="video", lower="groundtruth", epochs=1, reordered=False)
+    assert not without.trained and without.run == before.run
+    flat, log = run(store, level="video", recursive=False, epochs=1)
+    assert "reordered summaries" not in log and f"{len(videos)} video training examples" in log
