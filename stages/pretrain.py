@@ -44,7 +44,7 @@ from models.encoders import LAVILA_MEAN, LAVILA_STD
 from models.clip_tokenizer import ClipTokenizer
 from models.lavila import DualEncoder, LavilaConfig
 from stages.decode import WindowReader
-from stages.train import optimization, warmup_cosine, write_curves
+from stages.train import Curves, optimization, warmup_cosine
 from store import Store, commit_epoch, epoch_dir, last_epoch
 
 FRAME_CACHE_BYTES = 4 << 30  # per worker: decoded windows stay in memory up to this much, then are decoded again
@@ -255,6 +255,7 @@ class PretrainTrainer:
         self.say(f"{len(self.plan.train)} narrations ({len(self.plan.val)} val); {params / 1e6:.2f} M parameters; "
                  f"{self.steps[0]} steps x {self.s.epochs} epochs{text} on {self.world} worker(s), {self.device}")
         self.clock, self.steps_done, self.last_print = time.monotonic(), 0, time.monotonic()
+        self.curves = Curves(self.store, self.plan.run_dir)
         for epoch in range(self.start + 1, self.epochs + 1):
             loss = self.train_epoch(epoch)
             if self.rank == 0:
@@ -339,7 +340,7 @@ class PretrainTrainer:
             torch.save(state, f"{folder}/train_state.pt")
 
         rel = commit_epoch(self.store, self.plan.run_dir, epoch, write)
-        write_curves(self.store, self.plan.run_dir, self.history)
+        self.curves.write(self.history, last=epoch == self.epochs)
         self.say(f"epoch {epoch}/{self.epochs}{' (text)' if self.text_phase(epoch) else ''} | train loss {train_loss:.4f} | val loss {val_loss:.4f} | "
                  f"val text-to-video R@1 {100 * r1:.1f}% of {len(self.plan.val)} | "
                  + "".join(f"{level} {100 * r:.1f}% | " for level, r in span_r1.items()) +

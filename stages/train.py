@@ -7,7 +7,8 @@ checkpoints/<level>/<run>/
     tokenizer/          the run's tokenizer, committed by the driver before training starts
     epoch-NNNN/         our checkpoint format + train_state.pt (optimizer, scheduler, epoch, loss history);
                         committed atomically every epoch; only the newest is kept
-    losses.parquet      train loss per step and val loss per epoch; losses.png plots them
+    losses.parquet      train loss per step and val loss per epoch; losses.png plots them (redrawn at most
+                        once a minute, and after the last epoch)
 
 Randomness is a function of (seed, epoch, rank): every epoch reseeds torch (dropout) and draws its
 batch order from its own generator, so a run resumed after epoch k repeats exactly what an
@@ -38,6 +39,7 @@ from store import FeatureSet, Store, commit_epoch, epoch_dir, last_epoch
 
 EXAMPLE_CACHE_BYTES = 2 << 30  # per worker: examples read once stay in memory up to this much
 PROGRESS_EVERY_S = 5.0
+PLOT_EVERY_S = 60.0
 
 HISTORY_SCHEMA = pa.schema([("epoch", pa.int64()), ("step", pa.int64()), ("split", pa.string()),
                             ("level", pa.string()), ("loss", pa.float64()), ("lr", pa.float64())])
@@ -158,10 +160,25 @@ def epoch_batches(sizes: dict[str, int], batch_size: int, seed: int, epoch: int,
             for batches in per_level if turn < len(batches)]
 
 
-def write_curves(store: Store, run_dir: str, history: list[dict]) -> None:
+def write_curves(store: Store, run_dir: str, history: list[dict], plot: bool = True) -> None:
     table = pa.Table.from_pylist(history, schema=HISTORY_SCHEMA)
     store.write_table(f"{run_dir}/losses.parquet", table)
-    store.write_bytes(f"{run_dir}/losses.png", plot_curves(table, run_dir))
+    if plot:
+        store.write_bytes(f"{run_dir}/losses.png", plot_curves(table, run_dir))
+
+
+class Curves:
+    """losses.parquet after every epoch; losses.png after the first and the last, and in between at most every
+    PLOT_EVERY_S: drawing it takes about 0.5 s, as long as a demo-size epoch (a minute of the demo's 100 epochs)."""
+
+    def __init__(self, store: Store, run_dir: str):
+        self.store, self.run_dir, self.plotted = store, run_dir, -math.inf
+
+    def write(self, history: list[dict], last: bool) -> None:
+        plot = last or time.monotonic() - self.plotted >= PLOT_EVERY_S
+        write_curves(self.store, self.run_dir, history, plot)
+        if plot:
+            self.plotted = time.monotonic()
 
 
 def plot_curves(table: pa.Table, title: str) -> bytes:
@@ -244,6 +261,7 @@ class Trainer:
                  f"{params / 1e6:.2f} M parameters ({trained / 1e6:.2f} M trained, freeze={self.s.freeze}); "
                  f"{self.steps_per_epoch} steps x {self.s.epochs} epochs on {self.world} worker(s), {self.device}")
         self.clock, self.steps_done, self.last_print = time.monotonic(), 0, time.monotonic()
+        self.curves = Curves(self.store, self.plan.run_dir)
         for epoch in range(self.start + 1, self.s.epochs + 1):
             train_loss = self.train_epoch(epoch)
             if self.rank == 0:
@@ -298,7 +316,7 @@ class Trainer:
             checkpoint.save(self.model, self.tokenizer, folder)
             torch.save(state, f"{folder}/train_state.pt")
         rel = commit_epoch(self.store, self.plan.run_dir, epoch, write)
-        write_curves(self.store, self.plan.run_dir, self.history)
+        self.curves.write(self.history, last=epoch == self.s.epochs)
         val_text = ", ".join(f"{level} {loss:.4f}" for level, loss in val.items()) or "no val split"
         self.say(f"epoch {epoch}/{self.s.epochs} | train loss {train_loss:.4f} | val loss {val_text} | "
                  f"{timedelta(seconds=round(time.monotonic() - self.clock))} | saved {rel}")

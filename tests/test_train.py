@@ -205,6 +205,18 @@ def test_init_from_a_clip_checkpoint_subsamples_queries_and_adds_a_text_mapper(s
                            segment_state["text_decoder.transformer.h.0.crossattention.q_attn.weight"])
 
 
+def test_the_loss_plot_is_drawn_after_the_first_and_the_last_epoch_and_not_after_each(store, monkeypatch):
+    import stages.train
+
+    drawn = []
+    plot = stages.train.plot_curves
+    monkeypatch.setattr(stages.train, "plot_curves", lambda table, title: drawn.append(len(table)) or plot(table, title))
+    monkeypatch.setattr(stages.train, "PLOT_EVERY_S", 1e9)
+    result, _ = run(store, epochs=4)
+    assert drawn == [9 + 1, 4 * (9 + 1)]  # the history after epochs 1 and 4: 9 steps and a val loss each
+    assert len(history(store, result)) == 4 * (9 + 1)  # the table is written after every epoch
+
+
 def test_unified_alternates_levels_and_clip_batches_pass_no_text(store, monkeypatch):
     seen = set()
     forward = RecapModel.forward
