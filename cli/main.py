@@ -398,6 +398,9 @@ def train(store: StoreOpt = None, config: ConfigOpt = None,
               "--recursive/--no-recursive", help="Read the lower level's text (off: the non-recursive "
                                                  "baseline, video features only) "
                                                  + _setting("train.recursive", "--recursive"))] = None,
+          reordered: Annotated[Optional[bool], typer.Option(
+              "--reordered/--no-reordered", help="Recursive video level: also the store's reordered summaries, "
+                                                 "if it has any " + _setting("train.reordered", "--reordered"))] = None,
           freeze: Annotated[Optional[str], typer.Option(help="official | none (train everything) "
                                                         + _setting("train.freeze"))] = None,
           size: Annotated[Optional[str], typer.Option(help="Model size without --init-from: base | demo | "
@@ -413,7 +416,7 @@ def train(store: StoreOpt = None, config: ConfigOpt = None,
     """Train a level's model on the store (checkpoint every epoch, resumable); captioning then uses it."""
     from pipeline.train import train as train_level
 
-    settings = {"lower": lower, "recursive": recursive, "freeze": freeze, "size": size, "epochs": epochs,
+    settings = {"lower": lower, "recursive": recursive, "reordered": reordered, "freeze": freeze, "size": size, "epochs": epochs,
                 "batch_size": batch_size, "lr": lr, "workers": workers}
     cfg = _load(store, config, train={k: v for k, v in settings.items() if v is not None},
                 run={"address": address} if address else None)

@@ -96,17 +96,22 @@ def ingest_hcap(store: Store, metadata_dir: str, videos_root: str, threads: int 
     ids = {vid: video_id_for(Path(uri).stem, uri) for vid, uri in uris.items()}
     for level, table in tables.items():
         if table.num_rows:
-            keyed = pa.array([ids[v] for v in table["video_id"].to_pylist()], pa.string())
-            write_groundtruth(store, level, table.set_column(table.schema.get_field_index("video_id"), "video_id",
-                                                             keyed))
+            write_groundtruth(store, level, _keyed(table, ids))
             print(f"[{STAGE}] ground truth {level}: {table.num_rows} rows", file=stream)
-    for name, table, write in (("retrieval queries", read_hcap_queries(metadata_dir), write_queries),
-                               ("reordered summaries", read_hcap_reordered(metadata_dir), write_reordered)):
-        if table is not None and table.num_rows:
-            keyed = pa.array([ids[v] for v in table["video_id"].to_pylist()], pa.string())
-            write(store, table.set_column(table.schema.get_field_index("video_id"), "video_id", keyed))
-            print(f"[{STAGE}] {name}: {table.num_rows} rows", file=stream)
+    queries = read_hcap_queries(metadata_dir)
+    if queries is not None and queries.num_rows:
+        write_queries(store, _keyed(queries, ids))
+        print(f"[{STAGE}] retrieval queries: {queries.num_rows} rows", file=stream)
+    reordered = read_hcap_reordered(metadata_dir)
+    if reordered is not None:  # even none: a corpus without them replaces those of its videos from an earlier one
+        write_reordered(store, _keyed(reordered, ids), videos=sorted(set(ids.values())))
+        print(f"[{STAGE}] reordered summaries: {reordered.num_rows} rows", file=stream)
     return ingest(store, sorted(set(uris.values())), threads, stream)
+
+
+def _keyed(table: pa.Table, ids: dict[str, str]) -> pa.Table:
+    keyed = pa.array([ids[v] for v in table["video_id"].to_pylist()], pa.string())
+    return table.set_column(table.schema.get_field_index("video_id"), "video_id", keyed)
 
 
 def _absolute(uri: str) -> str:

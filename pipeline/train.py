@@ -32,6 +32,7 @@ from stages.captions import weights_id
 from stages.features import FeaturesStage
 from models.recap import SIZES
 from models.training import FREEZE, MODEL_RULES, level_config
+from stages.examples import EPS, captions_by_part
 from stages.train import Item, TrainPlan, train_worker
 from store import (
     LEVEL, LEVELS, REORDERED_REL, Store, epoch_dir, fingerprint, last_epoch, latest_checkpoint, read_captions,
@@ -62,10 +63,10 @@ def train(config: Config, store: Store, level: str, *, init_from: str | None = N
     features = features_stage(config)
     levels = CURRICULUM[level]
     targets = {split: {lvl: _targets(store, lvl, split) for lvl in levels} for split in ("train", "val")}
-    if "video" in levels and settings.recursive and settings.reordered:
-        targets["train"]["video"] += _reordered_targets(store, stream)
     lower = {lvl: _lower_captions(store, lvl, settings.lower, lower_versions, targets, stream)
              for lvl in levels if LEVEL[lvl].lower and settings.recursive}
+    if "video" in levels and settings.recursive and settings.reordered:
+        targets["train"]["video"] += _reordered_targets(store, lower["video"], f"[train {level}]", stream)
     feature_ids = _feature_fingerprints(store, features, targets, needs_tokens="clip" in levels)
 
     # `reordered` shows in the data: runs from before it existed keep their names
@@ -130,14 +131,25 @@ def _targets(store: Store, level: str, split: str) -> list[Item]:
     return items
 
 
-def _reordered_targets(store: Store, stream) -> list[Item]:
-    """The store's reordered summaries of training videos (none: an empty list)."""
+def _reordered_targets(store: Store, lower: dict, prefix: str, stream) -> list[Item]:
+    """The store's reordered summaries of training videos whose parts the lower-level captions tell one by one
+    (each part some caption, each caption of the span one part); none: an empty list."""
     table = read_reordered(store, "train")
     if table is None or not table.num_rows:
         return []
-    print(f"[train video] {table.num_rows} reordered summaries ({REORDERED_REL})", file=stream)
-    return [Item(r["video_id"], r["start_s"], r["end_s"], r["text"], tuple(map(tuple, json.loads(r["parts"]))))
-            for r in table.to_pylist()]
+    items, skipped = [], 0
+    for r in table.to_pylist():
+        item = Item(r["video_id"], r["start_s"], r["end_s"], r["text"], tuple(map(tuple, json.loads(r["parts"]))))
+        inside = [c for c in lower.get(item.video_id, []) if c[0] >= item.start_s - EPS and c[1] <= item.end_s + EPS]
+        told = captions_by_part(inside, item.parts)
+        if all(told) and sum(map(len, told)) == len(inside):
+            items.append(item)
+        else:
+            skipped += 1
+    print(f"{prefix} {len(items)} reordered summaries ({REORDERED_REL})"
+          + (f"; {skipped} left out: their parts are not the lower-level captions' windows" if skipped else ""),
+          file=stream)
+    return items
 
 
 def _lower_captions(store: Store, level: str, source: str, versions: Sequence[str], targets: dict, stream):

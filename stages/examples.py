@@ -8,7 +8,7 @@ video    `num_feat` CLS rows sampled over the whole video (zero-padded, masked)
 A lower-level caption belongs to a window when it starts at or after the
 window's start and ends at or before its end. A reordered summary's example
 (training only) reads its parts' captions in the order it tells them: a
-caption belongs to the part holding its midpoint.
+caption belongs to the part it overlaps most.
 """
 
 from __future__ import annotations
@@ -63,6 +63,18 @@ def join_segment_descriptions(texts: list[str]) -> str:
     return "".join(t.strip(".").strip() + ". " for t in texts).strip()
 
 
+def captions_by_part(lower: list[tuple[float, float, str]], parts) -> list[list[str]]:
+    """The texts of the (start, end, text) captions that each [start, end] part overlaps most, per part, in time
+    order; a caption that overlaps no part is in none."""
+    found = [[] for _ in parts]
+    for s, e, t in sorted(lower):
+        overlaps = [min(e, pe) - max(s, ps) for ps, pe in parts]
+        best = int(np.argmax(overlaps))
+        if overlaps[best] > 0:
+            found[best].append(t)
+    return found
+
+
 def best_window(windows: np.ndarray, start: float, end: float) -> int:
     """Row of the feature window overlapping [start, end) most (ground truth windows need not align)."""
     overlap = np.minimum(windows[:, 1], end) - np.maximum(windows[:, 0], start)
@@ -102,7 +114,7 @@ class ExampleReader:
         picked = rows[sample_indices(len(rows), self.num_feat)]
         video, mask = pad_rows(self.features.read_cls(video_id, picked).astype(np.float32), self.num_feat)
         if parts:
-            texts = [t for ps, pe in parts for s, e, t in sorted(lower) if ps - EPS <= (s + e) / 2 <= pe + EPS]
+            texts = [t for part in captions_by_part(lower, parts) for t in part]
         else:
             texts = [t for s, e, t in sorted(lower) if s >= start - EPS and e <= end + EPS]
         join = join_clip_captions if self.level == "segment" else join_segment_descriptions

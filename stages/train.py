@@ -169,7 +169,7 @@ def write_curves(store: Store, run_dir: str, history: list[dict], plot: bool = T
 
 class Curves:
     """losses.parquet after every epoch; losses.png after the first and the last, and in between at most every
-    PLOT_EVERY_S: drawing it takes about 0.5 s, as long as a demo-size epoch (a minute of the demo's 100 epochs)."""
+    PLOT_EVERY_S: drawing it takes about 0.5 s, as long as a demo-size epoch (a minute of the demo's 111 epochs)."""
 
     def __init__(self, store: Store, run_dir: str):
         self.store, self.run_dir, self.plotted = store, run_dir, -math.inf

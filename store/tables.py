@@ -102,12 +102,15 @@ def write_groundtruth(store: Store, level: str, table: pa.Table) -> int:
     return _merge_by_video(store, groundtruth_rel(level), f"groundtruth-{level}", table)
 
 
-def _merge_by_video(store: Store, rel: str, lock: str, table: pa.Table, conform=_conform_groundtruth) -> int:
+def _merge_by_video(store: Store, rel: str, lock: str, table: pa.Table, conform=_conform_groundtruth,
+                    videos: list[str] | None = None) -> int:
+    """Rows of `videos` (default: the table's) replaced by the table's."""
     table = conform(table)
+    videos = pc.unique(table["video_id"]) if videos is None else pa.array(videos, pa.string())
     with store.lock(lock):
         old = store.read_table(rel)
         if old is not None:
-            keep = pc.invert(pc.is_in(old["video_id"], value_set=pc.unique(table["video_id"])))
+            keep = pc.invert(pc.is_in(old["video_id"], value_set=videos))
             table = pa.concat_tables([conform(old.filter(keep)), table])
         table = table.sort_by([("video_id", "ascending"), ("start_s", "ascending")])
         store.write_table(rel, table)
@@ -150,9 +153,9 @@ def _conform_reordered(table: pa.Table) -> pa.Table:
     return table.select(REORDERED_SCHEMA.names).cast(REORDERED_SCHEMA)
 
 
-def write_reordered(store: Store, table: pa.Table) -> int:
-    """Merge reordered summaries: rows of the given videos replace theirs."""
-    return _merge_by_video(store, REORDERED_REL, "groundtruth-reordered", table, _conform_reordered)
+def write_reordered(store: Store, table: pa.Table, videos: list[str] | None = None) -> int:
+    """Merge reordered summaries: the table's rows replace those of `videos` (default: the table's)."""
+    return _merge_by_video(store, REORDERED_REL, "groundtruth-reordered", table, _conform_reordered, videos)
 
 
 def read_reordered(store: Store, split: str | None = None) -> pa.Table | None:

@@ -52,7 +52,7 @@ PRESETS: dict[str, Preset] = {
                    segment_s=24, tail_s=2.0),
     # The demo: enough segments per split to train the segment and video levels on 2 CPU cores in
     # minutes; 64 training videos give 64 summaries, so their runs of segments are summarised too
-    # (about 600 more), and their segments told in 4 other orders (about 220 more); 24 test videos, so
+    # (about 600 more), and their segments told in 4 other orders (256 more); 24 test videos, so
     # that a video-level figure moves in steps of 4%.
     "demo": Preset("demo", 64, 8, 24, activities_per_video=(3, 5), objects_per_activity=(2, 3),
                    segment_s=32, tail_s=2.0, span_summaries=True, reordered_summaries=4),

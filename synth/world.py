@@ -139,8 +139,8 @@ def plan_session(vid: str, split: str, preset: Preset, rng: np.random.Generator)
     render_seed = int(rng.integers(2**31))
     spans = _span_summaries(place, segments, np.random.default_rng([render_seed, 1])) \
         if preset.span_summaries and split == "train" else ()
-    reordered = _reordered_summaries(place, segments, preset.reordered_summaries,
-                                     np.random.default_rng([render_seed, 2])) if split == "train" else ()
+    reordered = _reordered_summaries(place, segments, preset.reordered_summaries, np.random.default_rng(
+        [render_seed, 2])) if preset.reordered_summaries and split == "train" else ()
     return Session(vid, split, place, float(duration), tuple(clips), tuple(segments), summary, render_seed, spans,
                    reordered)
 

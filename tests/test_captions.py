@@ -14,7 +14,7 @@ from pipeline.dag import build_stages
 from pipeline.ingest import ingest_hcap
 from pipeline.run import run_all
 from pipeline.runner import run_stage
-from stages.examples import ExampleReader
+from stages.examples import ExampleReader, captions_by_part
 from pipeline.dag import features_stage
 from store import Store, read_captions, read_videos
 
@@ -234,6 +234,8 @@ def test_a_reordered_summary_s_example_reads_the_descriptions_in_the_order_it_te
     assert told.text == "C stacked. C sorted the red cubes. C washed the ball."
     assert in_time.text == "C sorted the red cubes. C washed the ball. C stacked."
     assert np.array_equal(told.video, in_time.video) and np.array_equal(told.video_mask, in_time.video_mask)
+    # a caption across two parts is read once, in the part it overlaps most (the first of equals)
+    assert captions_by_part([(16.0, 48.0, "a"), (40.0, 50.0, "b")], ((32.0, 64.0), (0.0, 32.0))) == [["a", "b"], []]
 
 
 def test_the_lower_level_text_reaches_the_model(featured_store, checkpoints):

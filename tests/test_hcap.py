@@ -85,3 +85,6 @@ def test_a_corpus_s_reordered_summaries_reach_the_store(store, tmp_path):
     expected = pq.read_table(corpus / "groundtruth" / "reordered.parquet")
     assert expected.num_rows and _rows(read_reordered(store)) == _rows(expected)
     assert _rows(read_reordered(store, "train")) == _rows(expected) and not read_reordered(store, "test").num_rows
+    synth.generate("tiny", tmp_path / "without", seed=0)  # the same videos, no reordered summaries
+    ingest_hcap(store, str(tmp_path / "without"), str(tmp_path / "without" / "videos"))
+    assert read_reordered(store).num_rows == 0  # not kept from the earlier corpus

@@ -350,23 +350,37 @@ def test_the_demo_video_model_whitens_its_features_with_the_train_split_s_statis
     assert torch.allclose(model.video_feature_std, projected.std(0).clamp_min(floor).float(), rtol=1e-4)
 
 
-def test_reordered_summaries_are_targets_of_the_recursive_video_level_only(store):
-    """Each reordered summary is one more training example of the recursive video model; the non-recursive one,
-    which has no text to read the order from, and `reordered = false` leave them out; a run without them keeps
-    the name it had before they existed."""
+def test_reordered_summaries_are_targets_of_the_recursive_video_level_only(store, monkeypatch):
+    """Each reordered summary is one more training example of the recursive video model, which reads its parts'
+    descriptions in the order told; the non-recursive model, which has no text to read the order from, and
+    `reordered = false` leave them out; a run without them keeps the name it had before they existed."""
+    from stages.examples import ExampleReader
+    from stages.train import Item
     from store import REORDERED_SCHEMA, write_reordered
 
+    assert Item("v", 0.0, 1.0, "t").key() == ("v", 0.0, 1.0, "t")  # as runs were named before `parts` existed
     before, _ = run(store, level="video", lower="groundtruth", epochs=1)
     videos = read_groundtruth(store, "video", "train").to_pylist()
     segments = read_groundtruth(store, "segment", "train").to_pylist()
-    rows = [{**video, "text": "In the garden, C washed the ball, then sorted the cubes.", "facts": None,
-             "parts": json.dumps([[s["start_s"], s["end_s"]] for s in segments if s["video_id"] == video["video_id"]]
-                                 [::-1])} for video in videos]
-    write_reordered(store, pa.Table.from_pylist(rows, schema=REORDERED_SCHEMA))
+    told_text = {}
+    for video in videos:
+        mine = [s for s in segments if s["video_id"] == video["video_id"]][::-1]
+        told_text[video["video_id"]] = " ".join(s["text"].strip(".") + "." for s in mine)
+        video["parts"] = json.dumps([[s["start_s"], s["end_s"]] for s in mine])
+    rows = [{**video, "text": "In the garden, C washed the ball, then sorted the cubes.", "facts": None}
+            for video in videos]
+    untellable = {**rows[0], "parts": json.dumps([[0.0, 1.0]])}  # the descriptions are not this part's
+    write_reordered(store, pa.Table.from_pylist(rows + [untellable], schema=REORDERED_SCHEMA))
+    read = []
+    span = ExampleReader.span
+    monkeypatch.setattr(ExampleReader, "span", lambda self, *a, **k: read.append(span(self, *a, **k)) or read[-1])
 
     told, log = run(store, level="video", lower="groundtruth", epochs=1)
     assert told.trained and told.run != before.run
-    assert f"{len(rows)} reordered summaries" in log and f"{len(videos) + len(rows)} video training examples" in log
+    assert f"{len(rows)} reordered summaries" in log and "1 left out" in log
+    assert f"{len(videos) + len(rows)} video training examples" in log
+    reordered = [e for e in read if e.target == rows[0]["text"]]
+    assert len(reordered) == len(rows) and all(e.text == told_text[e.video_id] for e in reordered)
     without, _ = run(store, level="video", lower="groundtruth", epochs=1, reordered=False)
     assert not without.trained and without.run == before.run
     flat, log = run(store, level="video", recursive=False, epochs=1)
