@@ -1,7 +1,8 @@
 """Writes a corpus to disk: H.264 files and the ground truth, both in the
 Ego4D-HCap layout (pickles and JSON per split) and as Parquet tables, which
-also hold the facts behind every caption (`synth.facts`); and the retrieval
-queries (`synth.queries`), a Parquet table in the same schema."""
+also hold the facts behind every caption (`synth.facts`); the retrieval
+queries (`synth.queries`), a Parquet table in the same schema; and the
+reordered summaries of the training videos, that schema plus their parts."""
 
 from __future__ import annotations
 
