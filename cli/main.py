@@ -416,8 +416,8 @@ def train(store: StoreOpt = None, config: ConfigOpt = None,
     """Train a level's model on the store (checkpoint every epoch, resumable); captioning then uses it."""
     from pipeline.train import train as train_level
 
-    settings = {"lower": lower, "recursive": recursive, "reordered": reordered, "freeze": freeze, "size": size, "epochs": epochs,
-                "batch_size": batch_size, "lr": lr, "workers": workers}
+    settings = {"lower": lower, "recursive": recursive, "reordered": reordered, "freeze": freeze, "size": size,
+                "epochs": epochs, "batch_size": batch_size, "lr": lr, "workers": workers}
     cfg = _load(store, config, train={k: v for k, v in settings.items() if v is not None},
                 run={"address": address} if address else None)
     try:

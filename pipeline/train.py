@@ -32,7 +32,7 @@ from stages.captions import weights_id
 from stages.features import FeaturesStage
 from models.recap import SIZES
 from models.training import FREEZE, MODEL_RULES, level_config
-from stages.examples import EPS, captions_by_part
+from stages.examples import lower_texts
 from stages.train import Item, TrainPlan, train_worker
 from store import (
     LEVEL, LEVELS, REORDERED_REL, Store, epoch_dir, fingerprint, last_epoch, latest_checkpoint, read_captions,
@@ -137,19 +137,14 @@ def _reordered_targets(store: Store, lower: dict, prefix: str, stream) -> list[I
     table = read_reordered(store, "train")
     if table is None or not table.num_rows:
         return []
-    items, skipped = [], 0
-    for r in table.to_pylist():
-        item = Item(r["video_id"], r["start_s"], r["end_s"], r["text"], tuple(map(tuple, json.loads(r["parts"]))))
-        inside = [c for c in lower.get(item.video_id, []) if c[0] >= item.start_s - EPS and c[1] <= item.end_s + EPS]
-        told = captions_by_part(inside, item.parts)
-        if all(told) and sum(map(len, told)) == len(inside):
-            items.append(item)
-        else:
-            skipped += 1
-    print(f"{prefix} {len(items)} reordered summaries ({REORDERED_REL})"
+    items = [Item(r["video_id"], r["start_s"], r["end_s"], r["text"], tuple(map(tuple, json.loads(r["parts"]))))
+             for r in table.to_pylist()]
+    tellable = [i for i in items if lower_texts(lower.get(i.video_id, []), i.start_s, i.end_s, i.parts) is not None]
+    skipped = len(items) - len(tellable)
+    print(f"{prefix} {len(tellable)} reordered summaries ({REORDERED_REL})"
           + (f"; {skipped} left out: their parts are not the lower-level captions' windows" if skipped else ""),
           file=stream)
-    return items
+    return tellable
 
 
 def _lower_captions(store: Store, level: str, source: str, versions: Sequence[str], targets: dict, stream):

@@ -63,16 +63,22 @@ def join_segment_descriptions(texts: list[str]) -> str:
     return "".join(t.strip(".").strip() + ". " for t in texts).strip()
 
 
-def captions_by_part(lower: list[tuple[float, float, str]], parts) -> list[list[str]]:
-    """The texts of the (start, end, text) captions that each [start, end] part overlaps most, per part, in time
-    order; a caption that overlaps no part is in none."""
+def lower_texts(lower: list[tuple[float, float, str]], start: float, end: float,
+                parts: tuple[tuple[float, float], ...] = ()) -> list[str] | None:
+    """The texts of the (start, end, text) captions inside [start, end], in time order; with `parts`, those of
+    each part in the order told, a caption going to the part it overlaps most (the first of equals); None when the
+    parts do not tell the captions one by one (a caption in no part, or a part without one)."""
+    inside = [c for c in sorted(lower) if c[0] >= start - EPS and c[1] <= end + EPS]
+    if not parts:
+        return [t for _, _, t in inside]
     found = [[] for _ in parts]
-    for s, e, t in sorted(lower):
+    for s, e, t in inside:
         overlaps = [min(e, pe) - max(s, ps) for ps, pe in parts]
         best = int(np.argmax(overlaps))
-        if overlaps[best] > 0:
-            found[best].append(t)
-    return found
+        if overlaps[best] <= 0:
+            return None
+        found[best].append(t)
+    return [t for texts in found for t in texts] if all(found) else None
 
 
 def best_window(windows: np.ndarray, start: float, end: float) -> int:
@@ -113,10 +119,10 @@ class ExampleReader:
             rows = np.array([best_window(windows, start, end)])
         picked = rows[sample_indices(len(rows), self.num_feat)]
         video, mask = pad_rows(self.features.read_cls(video_id, picked).astype(np.float32), self.num_feat)
-        if parts:
-            texts = [t for part in captions_by_part(lower, parts) for t in part]
-        else:
-            texts = [t for s, e, t in sorted(lower) if s >= start - EPS and e <= end + EPS]
+        texts = lower_texts(lower, start, end, parts)
+        if texts is None:
+            raise ValueError(f"{video_id} [{start}, {end}]: the parts {parts} do not tell its lower-level captions "
+                             f"one by one")
         join = join_clip_captions if self.level == "segment" else join_segment_descriptions
         return Example(video_id, start, end, video, mask, join(texts), target)
 

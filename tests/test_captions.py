@@ -14,7 +14,7 @@ from pipeline.dag import build_stages
 from pipeline.ingest import ingest_hcap
 from pipeline.run import run_all
 from pipeline.runner import run_stage
-from stages.examples import ExampleReader, captions_by_part
+from stages.examples import ExampleReader, lower_texts
 from pipeline.dag import features_stage
 from store import Store, read_captions, read_videos
 
@@ -234,8 +234,14 @@ def test_a_reordered_summary_s_example_reads_the_descriptions_in_the_order_it_te
     assert told.text == "C stacked. C sorted the red cubes. C washed the ball."
     assert in_time.text == "C sorted the red cubes. C washed the ball. C stacked."
     assert np.array_equal(told.video, in_time.video) and np.array_equal(told.video_mask, in_time.video_mask)
-    # a caption across two parts is read once, in the part it overlaps most (the first of equals)
-    assert captions_by_part([(16.0, 48.0, "a"), (40.0, 50.0, "b")], ((32.0, 64.0), (0.0, 32.0))) == [["a", "b"], []]
+    # a caption across two parts is read once, in the part it overlaps most (the first of equals); parts that do
+    # not tell the captions one by one tell nothing
+    parts = ((32.0, 64.0), (0.0, 32.0))
+    assert lower_texts([(16.0, 48.0, "a"), (0.0, 16.0, "c")], 0.0, 64.0, parts) == ["a", "c"]
+    assert lower_texts([(16.0, 48.0, "a"), (40.0, 50.0, "b")], 0.0, 64.0, parts) is None
+    assert lower_texts([(0.0, 32.0, "a"), (60.0, 70.0, "b")], 0.0, 70.0, ((0.0, 32.0),)) is None
+    with pytest.raises(ValueError, match="do not tell its lower-level captions one by one"):
+        reader.span(video_id, 0.0, 53.0, lower, "target", ((0.0, 24.0),))
 
 
 def test_the_lower_level_text_reaches_the_model(featured_store, checkpoints):
