@@ -100,7 +100,8 @@ _to_record = []  # the settings of a command that works: recorded in its store o
 
 def _load(store: str | None, config: Path | None, *, record: bool = True, **overrides):
     """The store's settings, then --config, then flags. Commands that work record changes in the store
-    when they have run; commands that only read (`record=False`) neither record nor create a store."""
+    when they have run; commands that only read (`record=False`) neither record nor create a store.
+    Commands call it before importing the pipeline (torch, transformers: seconds), so bad settings fail at once."""
     try:
         cfg = settle(store, config, record=False, **overrides)
         if not record:
@@ -217,11 +218,11 @@ def features(store: StoreOpt = None, config: ConfigOpt = None,
              workers: WorkersOpt = None, address: AddressOpt = None, retry_failed: RetryOpt = False,
              local: LocalOpt = False):
     """Per 4-s window CLS (and tokens) of every registered video, into Zarr."""
-    from pipeline.dag import features_stage
-
     feats = {"encoder": encoder, "checkpoint": checkpoint, "tokens": tokens, "batch_size": batch_size,
              "device": device}
     cfg = _load(store, config, features=_given(feats), run=_given({"workers": workers, "address": address}))
+    from pipeline.dag import features_stage
+
     _run(lambda: features_stage(cfg), cfg, Store(cfg.store), retry_failed, local)
 
 
@@ -243,12 +244,12 @@ def _caption_command(level: str, doc: str):
     def command(store: StoreOpt = None, config: ConfigOpt = None, checkpoint: CheckpointOpt = None,
                 method: MethodOpt = None, batch_size: BatchOpt = None, workers: WorkersOpt = None,
                 address: AddressOpt = None, retry_failed: RetryOpt = False, local: LocalOpt = False):
-        from pipeline.dag import build_stages
-
         # summaries have a decoding setting of their own (captions.video_method), which --method must win over
         caps = {f"{level}_checkpoint": checkpoint, "video_method" if level == "video" else "method": method,
                 "batch_size": batch_size}
         cfg = _load(store, config, captions=_given(caps), run=_given({"workers": workers, "address": address}))
+        from pipeline.dag import build_stages
+
         st = Store(cfg.store)
 
         def build():
@@ -285,11 +286,11 @@ def index(store: StoreOpt = None, config: ConfigOpt = None,
           workers: WorkersOpt = None, address: AddressOpt = None, retry_failed: RetryOpt = False,
           local: LocalOpt = False):
     """Text and video embeddings of every committed caption (clip, segment, video) into index/, for `recap search`."""
-    from pipeline.dag import index_stage
-
     settings = {"encoder": encoder, "checkpoint": checkpoint, "size": size, "batch_size": batch_size,
                 "device": device}
     cfg = _load(store, config, index=_given(settings), run=_given({"workers": workers, "address": address}))
+    from pipeline.dag import index_stage
+
     _run(lambda: index_stage(cfg, Store(cfg.store)), cfg, Store(cfg.store), retry_failed, local)
 
 
@@ -330,13 +331,13 @@ def enhance(store: StoreOpt = None, config: ConfigOpt = None,
     """CSI (ExCae's caption self-improvement): search a prompt that makes K captions per unit close to the train
     ground truth and diverse (each iteration committed, resumable), then apply it to every video into
     captions/enhanced/."""
-    from pipeline.dag import enhance_captioner, enhance_stage
-    from pipeline.enhance import run_search
-
     settings = {"level": level, "captioner": captioner, "engineer": engineer, "endpoint_url": endpoint_url,
                 "endpoint_model": endpoint_model, "k": k, "iterations": iterations, "patience": patience,
                 "diversity_weight": diversity_weight, "sample_size": sample_size, "seed": seed, "initial": initial}
     cfg = _load(store, config, enhance=_given(settings), run=_given({"workers": workers, "address": address}))
+    from pipeline.dag import enhance_captioner, enhance_stage
+    from pipeline.enhance import run_search
+
     st = Store(cfg.store)
     try:
         if prompt is None:
@@ -364,9 +365,9 @@ def search(text: Annotated[str, typer.Argument(help="What to find, in words")],
            = "mean",
            json_out: Annotated[bool, typer.Option("--json", help="A JSON list on stdout instead of the table")] = False):
     """Ranked spans of the indexed videos for a text query: videos, then their segments, then their clips."""
+    cfg = _load(store, config, record=False)
     from pipeline.search import format_results, run_search
 
-    cfg = _load(store, config, record=False)
     if fusion not in ("mean", "ecs"):
         _fail(f"--fusion takes mean or ecs, got {fusion!r}")
     try:
@@ -414,12 +415,12 @@ def train(store: StoreOpt = None, config: ConfigOpt = None,
                                                          + _setting("train.workers"))] = None,
           address: AddressOpt = None):
     """Train a level's model on the store (checkpoint every epoch, resumable); captioning then uses it."""
-    from pipeline.train import train as train_level
-
     settings = {"lower": lower, "recursive": recursive, "reordered": reordered, "freeze": freeze, "size": size,
                 "epochs": epochs, "batch_size": batch_size, "lr": lr, "workers": workers}
     cfg = _load(store, config, train={k: v for k, v in settings.items() if v is not None},
                 run={"address": address} if address else None)
+    from pipeline.train import train as train_level
+
     try:
         train_level(cfg, Store(cfg.store), level, init_from=init_from, lower_versions=lower_version or ())
         _record()
@@ -449,12 +450,12 @@ def pretrain(store: StoreOpt = None, config: ConfigOpt = None,
     """Contrastive video-text training of the LaViLa dual encoder on the train split's clip narrations,
     segment descriptions and video summaries (resumable per epoch); `features --checkpoint` then reads its
     visual tower."""
-    from pipeline.pretrain import pretrain as run_pretrain
-
     settings = {"size": size, "init": init, "epochs": epochs, "batch_size": batch_size,
                 "text_epochs": text_epochs, "span_batch_size": span_batch_size, "lr": lr, "workers": workers}
     cfg = _load(store, config, pretrain={k: v for k, v in settings.items() if v is not None},
                 run={"address": address} if address else None)
+    from pipeline.pretrain import pretrain as run_pretrain
+
     try:
         run_pretrain(cfg, Store(cfg.store))
         _record()
@@ -476,10 +477,10 @@ def evaluate(store: StoreOpt = None, config: ConfigOpt = None,
              json_out: JsonOpt = False):
     """CIDEr / ROUGE-L / METEOR per level against ground truth, or retrieval recall (--task retrieval); writes a
     metrics table and prints it."""
-    from pipeline.evaluate import evaluate_all
-
     ev = {"split": split, "protocols": tuple(protocol) if protocol else None}
     cfg = _load(store, config, record=False, evaluate={k: v for k, v in ev.items() if v is not None})
+    from pipeline.evaluate import evaluate_all
+
     if by not in (None, "video"):
         _fail(f"--by takes 'video', got {by!r}")
     if task not in ("captions", "retrieval"):
@@ -539,11 +540,11 @@ def ecs(store: StoreOpt = None, config: ConfigOpt = None,
     test split's videos and segments by it and by the arms it builds on (windows, + captions, + enhanced)."""
     import sys
 
-    from pipeline.ecs import format_table, run_ecs
-
     settings = {"enhanced": tuple(enhanced) if enhanced else None, "experts": experts, "active": active,
                 "eval_routing": eval_routing, "k": k, "epochs": epochs}
     cfg = _load(store, config, ecs={k: v for k, v in settings.items() if v is not None})
+    from pipeline.ecs import format_table, run_ecs
+
     try:
         table = run_ecs(cfg, Store(cfg.store))
         _record()
@@ -567,9 +568,9 @@ def run(store: StoreOpt = None, config: ConfigOpt = None,
     if json_out and not dry_run:
         _fail("--json goes with --dry-run (the plan); after a run, `recap status --json` and "
               "`recap evaluate --json` say what it made")
+    cfg = _load(store, config, record=not dry_run, run=_given({"workers": workers, "address": address}))
     from pipeline.run import run_all
 
-    cfg = _load(store, config, record=not dry_run, run=_given({"workers": workers, "address": address}))
     if json_out:
         from pipeline.dag import build_stages
         from pipeline.run import plan_rows
@@ -591,9 +592,9 @@ def run(store: StoreOpt = None, config: ConfigOpt = None,
 @app.command()
 def status(store: StoreOpt = None, config: ConfigOpt = None, json_out: JsonOpt = False):
     """Per stage and level: units done / failed / pending, with sizes."""
+    cfg, st = _open(store, config, record=False)
     from pipeline.dag import build_stages
 
-    cfg, st = _open(store, config, record=False)
     rows = status_rows(st, build_stages(cfg, st))
     if json_out:  # sizes in bytes; null where the table shows "-"
         from pipeline.status import failure_groups
@@ -655,12 +656,13 @@ def report(store: StoreOpt = None, config: ConfigOpt = None,
            retry_failed: RetryOpt = False):
     """Static HTML report in the store (report/index.html): a thumbnail timeline per video with its captions at
     every level beside the ground truth, failures, the evaluation and the training curves."""
-    from pipeline.dag import thumbnails_stage
-    from pipeline.runner import run_stage
     from recap import open_store
     from recap.report import thumbnails_of, write_report
 
     cfg, st = _open(store, config, record=False)
+    from pipeline.dag import thumbnails_stage
+    from pipeline.runner import run_stage
+
     stage = thumbnails_stage(cfg)
     summary = run_stage(stage, st, executor="ray" if ray else "local", workers=cfg.run.workers,
                         address=cfg.run.address or None, retry_failed=retry_failed, max_retries=cfg.run.max_retries)

@@ -17,9 +17,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from models import ENCODERS
 from models.timesformer import TimeSformer, TimeSformerConfig
-
-ENCODERS = ("tsf-base", "tsf-tiny", "videoprism", "videoprism-tiny")
 
 # LaViLa / Video ReCap pixel statistics, 0-255 scale.
 LAVILA_MEAN = (108.3272985, 116.7460125, 104.09373615)

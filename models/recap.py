@@ -23,13 +23,13 @@ from torch import nn
 from transformers import BertConfig, GPT2Config
 from transformers.pytorch_utils import Conv1D
 
+from models import SIZES
 from models.gpt2_gated import GatedGPT2LMHeadModel
 from models.official import args_dict, check_keys, load_official, strip_prefix
 from models.qformer import QFormerMapper
 from models.timesformer import TimeSformer, TimeSformerConfig
 
 LEVELS = ("clip", "segment", "video", "unified")
-SIZES = ("base", "demo", "tiny")
 # `demo`: small enough to train from scratch on 2 CPU cores in minutes. Widths, then per level
 # (features per example, video queries, text queries); clip examples take all tokens of a window.
 # Trained from scratch, the official layout underfits: each of these was measured on the demo

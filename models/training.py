@@ -9,11 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models import checkpoint
+from models import FREEZE, checkpoint
 from models.recap import RecapConfig, RecapModel
 from models.tokenizer import Tokenizer
-
-FREEZE = ("official", "none")
 
 # The version of how `level_config` builds a model from a size; part of every run's name, so a change
 # trains anew instead of resuming an incompatible checkpoint. 3: the demo size's changes (models.recap.DEMO_WIDTHS);

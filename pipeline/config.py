@@ -232,9 +232,7 @@ def _device(v):
 
 
 def _rules() -> dict:
-    from models.encoders import ENCODERS
-    from models.recap import SIZES
-    from models.training import FREEZE
+    from models import ENCODERS, FREEZE, SIZES
 
     return {
         "windows.clip_s": _at_least(0, strict=True), "windows.segment_s": _at_least(0, strict=True),

@@ -83,6 +83,23 @@ def test_bad_values_on_the_command_line_exit_2_before_any_work(tmp_path):
         assert not root.exists()  # nothing written, not even the settings
 
 
+@pytest.mark.parametrize("args", [("features", "--batch-size", "-3"), ("summaries", "--method", "nucleus"),
+                                  ("train", "--epochs", "-1"), ("run", "--workers", "-1"), ("evaluate", "--split", "x")])
+def test_a_bad_setting_is_refused_before_the_pipeline_is_imported(tmp_path, args):
+    """Checking settings needs no torch: a typo costs a second, not the seconds of importing the models."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = ("import sys; from cli.main import main\ntry:\n    main()\nexcept SystemExit as e:\n"
+            "    print(e.code, 'torch' in sys.modules, 'pipeline.dag' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code, *args, "--store", str(tmp_path / "s")], capture_output=True,
+                          text=True, cwd=REPO)
+    assert proc.stdout.split() == ["2", "False", "False"], proc.stdout + proc.stderr
+    assert proc.stderr.startswith("error: ") and args[1].strip("-").replace("-", "_") in proc.stderr
+
+
 def test_commands_that_only_read_do_not_create_a_store(tmp_path):
     root = tmp_path / "nowhere"
     for args in (("status",), ("evaluate",), ("run", "--dry-run")):
