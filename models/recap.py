@@ -30,12 +30,13 @@ from models.qformer import QFormerMapper
 from models.timesformer import TimeSformer, TimeSformerConfig
 
 LEVELS = ("clip", "segment", "video", "unified")
+LATER_FIELDS = {"text_sentence_rows": 0, "text_sentence_end_id": -1}  # and their defaults (RecapConfig.to_dict)
 # `demo`: small enough to train from scratch on 2 CPU cores in minutes. Widths, then per level
 # (features per example, video queries, text queries); clip examples take all tokens of a window.
 # Trained from scratch, the official layout underfits: each of these was measured on the demo
 # corpus (docs/caption-accuracy.md): cross-attention in every Q-Former layer, open decoder gates,
 # a LayerNorm on the text context, learned positions of the clip level's tokens (`models.training.level_config`),
-# no dropout, whitened features at the video level.
+# no dropout, whitened features and each description's index (`text_sentence_rows`) at the video level.
 DEMO_WIDTHS = dict(qformer_hidden_size=128, qformer_num_layers=2, qformer_num_heads=4, qformer_intermediate_size=256,
                    qformer_cross_attention_freq=1, gate_init=1.0, dropout=0.0, text_context_norm=True,
                    qformer_vocab_size=30, qformer_max_positions=16,
@@ -43,7 +44,7 @@ DEMO_WIDTHS = dict(qformer_hidden_size=128, qformer_num_layers=2, qformer_num_he
 DEMO_LEVELS = {"clip": dict(num_video_queries=16),
                "segment": dict(num_video_feat=16, num_video_queries=8, num_text_queries=32),
                "video": dict(num_video_feat=32, num_video_queries=16, num_text_queries=96, video_feature_norm=True,
-                             video_feature_whiten=True)}
+                             video_feature_whiten=True, text_sentence_rows=16)}
 
 OFFICIAL_DATASETS = {"clip_caption": "clip", "segment_description": "segment", "video_summary": "video"}
 
@@ -65,6 +66,12 @@ class RecapConfig:
     # text); off officially. GPT-2's pretrained embeddings have norms of a few units; freshly initialised ones
     # (std 0.02) are so small that the text mapper's attention reads them as a uniform blur.
     text_context_norm: bool = False
+    # Rows of a learned embedding of each previous-level token's sentence index (how many sentence ends,
+    # `text_sentence_end_id`, come before it), added to the text mapper's context; 0 = none (official). Absolute
+    # positions tell which description a token lies in only roughly, and worse with each description: a summary
+    # that copies its descriptions in order needs to know it.
+    text_sentence_rows: int = 0
+    text_sentence_end_id: int = -1
     # The decoder's cross-attention also reads the previous-level text tokens themselves (the text mapper's
     # context, projected to the queries' width if it differs), pads masked; off officially. A summary copies
     # its descriptions in order, which a few learned queries of a small Q-Former do not hold.
@@ -155,7 +162,9 @@ class RecapConfig:
         return config
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields; those added after runs were named are left out at their defaults, so that a run's name
+        (pipeline.train fingerprints this) changes only where the model does."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if LATER_FIELDS.get(k, ...) != v}
 
     @classmethod
     def from_dict(cls, d: dict) -> RecapConfig:
@@ -287,6 +296,12 @@ class RecapModel(nn.Module):
             for name, p in self.text_decoder.named_parameters():
                 if name.rsplit(".", 1)[-1] in ("alpha_cattn", "alpha_dense"):
                     p.fill_(config.gate_init)
+        if config.text_sentence_rows:  # made last: the models trained before it draw the same initial weights
+            if config.text_sentence_end_id < 0:
+                raise ValueError("text_sentence_rows needs text_sentence_end_id (the tokenizer's id of '.')")
+            self.text_sentence = nn.Embedding(config.text_sentence_rows, config.n_embd)
+            with torch.no_grad():
+                self.text_sentence.weight.normal_(0.0, 0.02)
         # Shared tensors, alias -> first name: lm_head = wte; each MLM head's decoder = word embeddings + head bias.
         first = {}
         self.tied_weights = {name: first[id(p)] for name, p in self.named_parameters(remove_duplicate=False)
@@ -346,6 +361,10 @@ class RecapModel(nn.Module):
 
     def text_context(self, text_ids: torch.Tensor) -> torch.Tensor:
         context = self.embed_text(text_ids)
+        if hasattr(self, "text_sentence"):
+            ends = (text_ids == self.config.text_sentence_end_id).long()
+            sentence = (ends.cumsum(1) - ends).clamp_max(self.config.text_sentence_rows - 1)  # a '.' is its sentence's
+            context = context + self.text_sentence(sentence)
         return self.text_context_norm(context) if hasattr(self, "text_context_norm") else context
 
     def map_features(self, video, video_mask=None, text_ids=None, text_mask=None) -> torch.Tensor:

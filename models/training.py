@@ -39,12 +39,21 @@ def level_config(size: str, level: str, feature_dim: int, tokens_per_window: int
         "num_video_queries": sized.num_video_queries,
         "num_text_queries": sized.num_text_queries if recursive else 0,
         "text_tokens_to_decoder": sized.text_tokens_to_decoder and recursive,
+        "text_sentence_rows": sized.text_sentence_rows if recursive else 0,
+        "text_sentence_end_id": sentence_end_id(tokenizer) if sized.text_sentence_rows and recursive else -1,
         # ReCap-U reads window tokens and CLS rows through one set of weights: one set of statistics fits neither
         "video_feature_norm": sized.video_feature_norm and level != "unified",
         "video_feature_whiten": sized.video_feature_whiten and level != "unified",
         "dropout": sized.dropout,  # the level's own size's, not its init checkpoint's
         "max_gen_tokens": sized.max_gen_tokens, "vocab_size": tokenizer.vocab_size,
         "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id})
+
+
+def sentence_end_id(tokenizer: Tokenizer) -> int:
+    ids = tokenizer.encode(".")
+    if len(ids) != 1:
+        raise ValueError(f"the tokenizer splits '.' into {len(ids)} tokens; text_sentence_rows needs one")
+    return ids[0]
 
 
 def query_rows(n: int, k: int) -> np.ndarray:

@@ -275,6 +275,28 @@ def test_text_tokens_to_decoder_leaves_the_official_layout():
     assert torch.equal(mask[:, out["queries"].size(1):], inp["text_mask"])
 
 
+def test_each_text_token_carries_the_index_of_its_sentence():
+    """With `text_sentence_rows`, a token's context row holds the embedding of how many sentence ends come before it
+    (the end itself belongs to its sentence): a '.' less moves every later token to the sentence before."""
+    torch.manual_seed(0)
+    END = 97
+    model = RecapModel(RecapConfig.preset("video", "tiny").with_overrides(
+        {"text_sentence_rows": 3, "text_sentence_end_id": END, "text_context_norm": True})).eval()
+    text = torch.tensor([[5, 6, END, 7, 8, END, 9, END, 10, END, 11]])
+    with torch.no_grad():
+        expected = model.embed_text(text) + model.text_sentence(torch.tensor([[0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 2]]))
+        assert torch.equal(model.text_context(text), model.text_context_norm(expected))  # rows past the last: clamped
+        merged = torch.tensor([[5, 6, 4, 7, 8, END, 9, END, 10, END, 11]])  # the first '.' gone: one sentence less
+        changed = (model.text_context(merged) - model.text_context(text)).abs().sum(-1)[0] > 0
+    # the same words at the same places from row 3 on: rows 3-7 change by their sentence only (8-10 stay clamped)
+    assert changed.tolist() == [False, False] + [True] * 6 + [False] * 3
+    with torch.device("meta"):
+        keys = set(RecapModel(RecapConfig.preset("video", "tiny")).state_dict())
+    assert not any(k.startswith("text_sentence") for k in keys)  # off by default: official files load as before
+    with pytest.raises(ValueError, match="text_sentence_end_id"):
+        RecapModel(RecapConfig.preset("video", "tiny").with_overrides({"text_sentence_rows": 3}))
+
+
 def test_feature_norm_standardises_the_features_per_channel_and_is_saved_with_the_model(tmp_path):
     from models import checkpoint
 

@@ -318,13 +318,27 @@ def test_each_level_trains_with_its_own_size_s_dropout_whatever_its_init_had():
 
     from models.training import level_config
 
-    tokenizer = SimpleNamespace(vocab_size=600, bos_id=1, eos_id=2)
+    tokenizer = SimpleNamespace(vocab_size=600, bos_id=1, eos_id=2, encode=lambda text: [3])
     config = lambda size, level, init=None: level_config(size, level, 64, 17, tokenizer, init=init)
     demo_segment = config("demo", "segment", init=config("demo", "clip"))
     assert demo_segment.dropout == 0.0
     assert config("demo", "video", init=demo_segment.with_overrides({"dropout": 0.3})).dropout == 0.0
     assert config("tiny", "video", init=demo_segment).dropout == RecapConfig.preset("video", "tiny").dropout == 0.1
     assert config("tiny", "video", init=demo_segment).n_embd == demo_segment.n_embd  # widths still come from the init
+
+
+def test_the_demo_video_model_reads_each_description_s_index_and_the_other_levels_are_named_as_before():
+    from models.tokenizer import Tokenizer
+    from models.training import level_config
+
+    tokenizer = Tokenizer.train(["C sorted the red cubes. C washed the ball.", "C stacked the ring."], vocab_size=300)
+    config = lambda level, **kw: level_config("demo", level, 64, 17, tokenizer, **kw)
+    video = config("video", init=config("segment"))
+    assert video.text_sentence_rows == 16 and [video.text_sentence_end_id] == tokenizer.encode(".")
+    assert config("video", recursive=False).text_sentence_rows == 0  # no text to read
+    # the field is left out of the fingerprinted configuration where it is off: those runs keep their names
+    assert "text_sentence_rows" not in RecapConfig.preset("segment", "demo").to_dict()
+    assert RecapConfig.preset("video", "demo").to_dict()["text_sentence_rows"] == 16
 
 
 def test_the_demo_video_model_whitens_its_features_with_the_train_split_s_statistics(store):
