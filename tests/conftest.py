@@ -74,6 +74,16 @@ def write_audio_only(path: Path) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _no_ray_left_to_the_next_module():
+    """A module that starts Ray in this process (run_stage on Ray: pipeline.ray_workers.ensure_ray) shuts it down
+    when it ends: the next module that this xdist worker runs may start its own (`ray.init` refuses a second)."""
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
 def run_cli(*args: str, check: bool = False, cwd=REPO) -> subprocess.CompletedProcess:
     """Run `recap ...` in a fresh interpreter, as a user would."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
