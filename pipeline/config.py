@@ -17,6 +17,8 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
+from models import ENCODERS, FREEZE, SIZES
+
 
 @dataclass(frozen=True)
 class WindowConfig:
@@ -232,8 +234,6 @@ def _device(v):
 
 
 def _rules() -> dict:
-    from models import ENCODERS, FREEZE, SIZES
-
     return {
         "windows.clip_s": _at_least(0, strict=True), "windows.segment_s": _at_least(0, strict=True),
         "windows.segment_min_tail": _fraction,
