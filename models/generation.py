@@ -10,12 +10,13 @@ cache, the queries' padding mask included).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from models.gpt2_gated import GatedGPT2LMHeadModel
+if TYPE_CHECKING:
+    from models.gpt2_gated import GatedGPT2LMHeadModel
 
 
 @dataclass

@@ -13,21 +13,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from models import checkpoint
 from models.encoders import build_encoder
 from models.generation import generate
-from models.recap import RecapModel
-from models.tokenizer import Tokenizer
 from stages.base import Blocked, Resources, Stage, Unit
 from stages.decode import WindowReader, window_times
 from stages.examples import ExampleReader, collate
 from stages.features import FeaturesStage
 from store import LEVEL, CAPTION_SCHEMA, Store, captions_rel, file_digest, fingerprint, read_captions, read_videos
+
+if TYPE_CHECKING:
+    from models.recap import RecapModel
+    from models.tokenizer import Tokenizer
+
 
 def weights_id(path: str) -> str:
     """Content id of a checkpoint without loading it (a folder's safetensors, or an official .pth)."""
@@ -41,6 +44,12 @@ def weights_id(path: str) -> str:
 
 
 def load_captioner(path: str, tokenizer: str = "", device: str = "cpu") -> tuple[RecapModel, Tokenizer]:
+    # The caption model's modules import transformers (3 s a process): imported here, not with the stage
+    # definitions, which feature workers, `recap evaluate` and dry runs import too.
+    from models import checkpoint
+    from models.recap import RecapModel
+    from models.tokenizer import Tokenizer
+
     if Path(path).is_dir():
         model, tok = checkpoint.load(path, device)
     else:
