@@ -728,6 +728,7 @@ def main() -> None:
     RECAP_DEBUG=1 shows the traceback."""
     import os
 
+    _to_record.clear()  # one that stopped before recording (exit 2) leaves nothing to the next in this process
     try:
         app()
     except OSError as e:

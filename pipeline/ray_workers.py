@@ -24,7 +24,7 @@ def ensure_ray(address: str | None = None) -> None:
     if not sys.stderr.isatty():
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     context = ray.init(address=address, include_dashboard=False, log_to_driver=True, logging_level=logging.ERROR,
-                       configure_logging=True)
+                       configure_logging=True, logging_config=ray.LoggingConfig(log_level="ERROR"))
     logs = getattr(context, "address_info", {}).get("session_dir")
     print(f"[ray] ready: {int(ray.cluster_resources().get('CPU', 0))} CPUs, "
           f"{int(ray.cluster_resources().get('GPU', 0))} GPUs" + (f"; logs in {logs}/logs" if logs else ""),

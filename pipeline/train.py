@@ -241,7 +241,9 @@ def run_workers(worker, plan, workers: int, address: str | None, stream, name: s
         _ray_train_loop, train_loop_config={"worker": worker, "plan": plan},
         scaling_config=ray.train.ScalingConfig(num_workers=workers,
                                                use_gpu=ray.cluster_resources().get("GPU", 0) >= workers),
-        run_config=ray.train.RunConfig(name=name))
+        # Ray Train's own INFO and WARNING lines stay in the session's log files (its placement-group cleaner warns
+        # every second where the state API has no dashboard to ask); the workers' progress and errors still print.
+        run_config=ray.train.RunConfig(name=name, logging_config=ray.train.LoggingConfig(log_level="ERROR")))
     try:
         trainer.fit()
     except ray.train.TrainingFailedError as e:

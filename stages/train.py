@@ -225,7 +225,7 @@ class Trainer:
         set_trainable(self.model, self.s.freeze)
         # Unused parameters: clip batches skip the text mapper, and the Q-Formers' token embeddings are never
         # read. The buffers (causal masks, feature statistics) are constants: nothing to broadcast every step.
-        self.net = (DistributedDataParallel(self.model, find_unused_parameters=True, broadcast_buffers=False)
+        self.net = (DistributedDataParallel(self.model, find_unused_parameters=True, forward_sync_buffers=False)
                     if self.world > 1 else self.model)
         self.steps_per_epoch = len(epoch_batches(self.sizes, self.s.batch_size, self.s.seed, 1, self.world))
         self.optimizer, self.scheduler, self.history = optimization(self.model, self.s, self.steps_per_epoch,

@@ -84,14 +84,46 @@ def _no_ray_left_to_the_next_module():
         ray.shutdown()
 
 
-def run_cli(*args: str, check: bool = False, cwd=REPO) -> subprocess.CompletedProcess:
-    """Run `recap ...` in a fresh interpreter, as a user would."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", "from cli.main import main; main()", *args],
-                          capture_output=True, text=True, cwd=cwd, env=env)
+def run_cli(*args: str, check: bool = False, cwd=REPO, fresh: bool = False) -> subprocess.CompletedProcess:
+    """Run `recap ...` as a user would: its exit code, stdout and stderr. In this process by default (a fresh
+    interpreter pays 2-8 s of imports on 2 cores, every call); `fresh=True` starts one, where the test is about the
+    process itself: what it imports, Ray started from the command line, a log file closed at exit."""
+    if fresh:
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        proc = subprocess.run([sys.executable, "-c", "from cli.main import main; main()", *args],
+                              capture_output=True, text=True, cwd=cwd, env=env)
+    else:
+        proc = _run_in_process(args, cwd)
     if check and proc.returncode != 0:
         raise AssertionError(f"recap {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def _run_in_process(args, cwd) -> subprocess.CompletedProcess:
+    import io
+    import traceback
+
+    import torch
+
+    from cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = sys.argv, sys.stdout, sys.stderr, os.getcwd(), torch.get_num_threads()
+    code = 0
+    try:
+        sys.argv, sys.stdout, sys.stderr = ["recap", *map(str, args)], out, err
+        os.chdir(cwd)
+        main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    except Exception:  # what the interpreter would print before exiting 1
+        traceback.print_exc(file=err)
+        code = 1
+    finally:
+        sys.argv, sys.stdout, sys.stderr = saved[:3]
+        os.chdir(saved[3])
+        torch.set_num_threads(saved[4])
+    return subprocess.CompletedProcess(["recap", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="session")

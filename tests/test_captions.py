@@ -280,16 +280,16 @@ def test_a_version_changes_only_with_what_changes_its_output(featured_store, che
     assert wider[3] != decoding(video_method="beam")[3] != base[3]
 
 
-@pytest.mark.parametrize("local", [False, True])
-def test_a_stage_run_leaves_the_caller_s_torch_threads_as_they_were(featured_store, checkpoints, tmp_path, local):
+def test_a_stage_run_leaves_the_caller_s_torch_threads_as_they_were(featured_store, checkpoints, tmp_path):
     # check() loads the model in the caller and sets torch's threads to the stage's 1 CPU: a demo then trained
-    # every later level with 1 thread, and differently when a resumed run skipped the stage
+    # every later level with 1 thread, and differently when a resumed run skipped the stage. (The runner gives
+    # them back around both executors; the local one runs here, Ray's in test_faults and test_recipe.)
     store = copy_store(featured_store, tmp_path / "s")
     cfg = config_for(store.root, checkpoints)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        summary = run_stage(build_stages(cfg, store)[1], store, executor="local" if local else "ray")
+        summary = run_stage(build_stages(cfg, store)[1], store, executor="local")
         assert summary.done == 6 and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)

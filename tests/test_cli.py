@@ -182,7 +182,8 @@ def test_log_file_gets_every_stderr_line_plain(small_store, tmp_path):
     log = tmp_path / "logs" / "recap.log"
     log.parent.mkdir()
     log.write_text("an earlier line\n")
-    proc = run_cli("--log-file", str(log), "features", "--store", str(root), "--local", "--retry-failed")
+    proc = run_cli("--log-file", str(log), "features", "--store", str(root), "--local", "--retry-failed",
+                   fresh=True)  # the log file is closed at exit
     assert proc.returncode == 0, proc.stderr
     text = log.read_text()
     assert text.startswith("an earlier line\n# ")  # appended, with a header naming the command

@@ -143,7 +143,7 @@ def test_a_full_size_encoder_without_weights_or_a_missing_gpu_is_refused_before_
     if not torch.cuda.is_available():
         local = run_cli("features", "--store", root, "--encoder", "tsf-tiny", "--device", "cuda", "--local")
         assert local.returncode == 2 and "this machine has 0 CUDA device(s)" in local.stderr, local.stderr
-        ray = run_cli("features", "--store", root, "--encoder", "tsf-tiny", "--device", "cuda")  # no wait on Ray
+        ray = run_cli("features", "--store", root, "--encoder", "tsf-tiny", "--device", "cuda", fresh=True)  # no wait on Ray
         assert ray.returncode == 2 and "the Ray cluster has none" in ray.stderr, ray.stderr
     assert "features" not in [p.name for p in (tmp_path / "store").iterdir()]
     assert not (tmp_path / "store" / SETTINGS_FILE).exists()  # a refused command records nothing

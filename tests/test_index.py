@@ -187,7 +187,7 @@ def test_index_command_on_ray_equals_the_local_run(indexed, tmp_path):
     version = stage_of(store).version()
     store.remove(f"index/{version}")
     store.remove(f"markers/index/{version}")
-    proc = run_cli("index", "--store", store.root, "--workers", "2")
+    proc = run_cli("index", "--store", store.root, "--workers", "2", fresh=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "[ray] ready" in proc.stderr and "[index] done 6, skipped 0, failed 0" in proc.stderr
     assert_same(written(store, version), written(Store(indexed), version))
