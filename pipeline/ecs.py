@@ -322,9 +322,10 @@ def latest_fused(store: Store, index_version: str) -> pa.Table:
     return store.read_table(f"{RUNS}/{newest}/{FUSED}")
 
 
-def run_ecs(config, store: Store, stream=sys.stderr) -> pd.DataFrame:
+def run_ecs(config, store: Store, stream=None) -> pd.DataFrame:
     """Train ECS on the current index (or load the run's model when trained before), print and write the arm
     table (metrics/ecs-<index version>-<run>.parquet); the table's path is in `.attrs["path"]`."""
+    stream = sys.stderr if stream is None else stream  # at the call: --log-file replaces it
     from store import fingerprint
 
     say = lambda line: print(f"[ecs] {line}", file=stream, flush=True)  # noqa: E731

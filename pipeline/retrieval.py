@@ -174,7 +174,7 @@ def summarise(ranks: pd.DataFrame) -> pd.DataFrame:
 
 # ---- the command ---------------------------------------------------------------------------------------
 
-def evaluate_retrieval(config: Config, store: Store, name: str | None = None, stream=sys.stdout) -> pd.DataFrame:
+def evaluate_retrieval(config: Config, store: Store, name: str | None = None, stream=None) -> pd.DataFrame:
     """Retrieval metrics of the current index on `evaluate.split` (`summarise`'s columns, with version and
     split), written to metrics/<name>.parquet (its path in `.attrs["path"]`) and printed as a table on
     `stream` (None: not printed)."""
