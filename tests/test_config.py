@@ -147,3 +147,14 @@ def test_a_full_size_encoder_without_weights_or_a_missing_gpu_is_refused_before_
         assert ray.returncode == 2 and "the Ray cluster has none" in ray.stderr, ray.stderr
     assert "features" not in [p.name for p in (tmp_path / "store").iterdir()]
     assert not (tmp_path / "store" / SETTINGS_FILE).exists()  # a refused command records nothing
+
+
+def test_a_refused_command_leaves_nothing_to_record_for_the_next_in_the_same_process(tiny_corpus, tmp_path):
+    """`main()` called twice in one interpreter (the tests do; so may a scheduler that embeds the app)."""
+    refused, other = str(tmp_path / "refused"), str(tmp_path / "other")
+    run_cli("ingest", str(tiny_corpus / "videos"), "--store", refused, check=True)
+    (tmp_path / "refused" / SETTINGS_FILE).unlink(missing_ok=True)
+    refusal = run_cli("features", "--batch-size", "8", "--store", refused, "--local")  # tsf-base without weights
+    assert refusal.returncode == 2 and "features.random_weights" in refusal.stderr
+    run_cli("ingest", str(tiny_corpus / "videos"), "--store", other, check=True)
+    assert not (tmp_path / "refused" / SETTINGS_FILE).exists()
