@@ -13,7 +13,7 @@ from store import Store, read_groundtruth
 
 
 def evaluate_all(config: Config, store: Store, by: str | None = None, name: str | None = None,
-                 stream=sys.stdout) -> pd.DataFrame | None:
+                 stream=None) -> pd.DataFrame | None:
     """Scores per level and protocol, written to metrics/<name>.parquet (its path in `.attrs["path"]`) and
     printed as a table on `stream` (None: not printed, `recap evaluate --json`); None if nothing to score."""
     split = config.evaluate.split

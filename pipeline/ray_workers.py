@@ -24,11 +24,18 @@ def ensure_ray(address: str | None = None) -> None:
     if not sys.stderr.isatty():
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     context = ray.init(address=address, include_dashboard=False, log_to_driver=True, logging_level=logging.ERROR,
-                       configure_logging=True, logging_config=ray.LoggingConfig(log_level="ERROR"))
+                       configure_logging=True,
+                       runtime_env={"worker_process_setup_hook": "pipeline.ray_workers.quiet_ray_train_cleaner"})
     logs = getattr(context, "address_info", {}).get("session_dir")
     print(f"[ray] ready: {int(ray.cluster_resources().get('CPU', 0))} CPUs, "
           f"{int(ray.cluster_resources().get('GPU', 0))} GPUs" + (f"; logs in {logs}/logs" if logs else ""),
           file=sys.stderr, flush=True)
+
+
+def quiet_ray_train_cleaner() -> None:
+    """In every Ray worker process of our jobs: Ray Train's placement-group cleaner asks the state API, which needs
+    the dashboard we do not start, and warns that it cannot, every second of a training run."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 class StageWorker:

@@ -47,5 +47,5 @@ def run_all(config: Config, store: Store, *, dry_run: bool = False, retry_failed
     if evaluate and any(read_groundtruth(store, s.level, config.evaluate.split) is not None for s in stages[1:]):
         from pipeline.evaluate import evaluate_all
 
-        evaluate_all(config, store)
+        evaluate_all(config, store, stream=sys.stdout)
     return summaries

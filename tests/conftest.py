@@ -101,7 +101,9 @@ def run_cli(*args: str, check: bool = False, cwd=REPO, fresh: bool = False) -> s
 
 def _run_in_process(args, cwd) -> subprocess.CompletedProcess:
     import io
+    import logging
     import traceback
+    import warnings
 
     import torch
 
@@ -109,17 +111,26 @@ def _run_in_process(args, cwd) -> subprocess.CompletedProcess:
 
     out, err = io.StringIO(), io.StringIO()
     saved = sys.argv, sys.stdout, sys.stderr, os.getcwd(), torch.get_num_threads()
+    # Warnings and library log records reach stderr as in an interpreter of its own (pytest would keep them)
+    log = logging.StreamHandler(err)
+    log.setLevel(logging.WARNING)
     code = 0
     try:
         sys.argv, sys.stdout, sys.stderr = ["recap", *map(str, args)], out, err
         os.chdir(cwd)
-        main()
+        logging.getLogger().addHandler(log)
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: err.write(
+                warnings.formatwarning(message, category, filename, lineno, line))
+            main()
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
     except Exception:  # what the interpreter would print before exiting 1
         traceback.print_exc(file=err)
         code = 1
     finally:
+        logging.getLogger().removeHandler(log)
         sys.argv, sys.stdout, sys.stderr = saved[:3]
         os.chdir(saved[3])
         torch.set_num_threads(saved[4])

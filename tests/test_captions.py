@@ -283,7 +283,7 @@ def test_a_version_changes_only_with_what_changes_its_output(featured_store, che
 def test_a_stage_run_leaves_the_caller_s_torch_threads_as_they_were(featured_store, checkpoints, tmp_path):
     # check() loads the model in the caller and sets torch's threads to the stage's 1 CPU: a demo then trained
     # every later level with 1 thread, and differently when a resumed run skipped the stage. (The runner gives
-    # them back around both executors; the local one runs here, Ray's in test_faults and test_recipe.)
+    # them back in one `finally` around both executors; the Ray case, 30 s of a local Ray, is not run.)
     store = copy_store(featured_store, tmp_path / "s")
     cfg = config_for(store.root, checkpoints)
     before = torch.get_num_threads()
