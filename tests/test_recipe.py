@@ -86,7 +86,6 @@ def test_two_nights_on_a_ray_cluster_do_only_new_work(ray_head, tiny_corpus, tmp
                        "segment_s": 24.0, **{f"{k}_checkpoint": v for k, v in checkpoints.items()}}.items():
         literal = f"{value}" if isinstance(value, float) else f'"{value}"'
         text = re.sub(rf"^{key} = .*$", f"{key} = {literal}", text, flags=re.M)
-    text = text.replace("[run]\n", "[run]\nworkers = 1\n")  # an actor per stage: each process imports the pipeline
     config = tmp_path / "nightly.toml"
     config.write_text(text)
 

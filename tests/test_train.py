@@ -276,6 +276,7 @@ def test_two_ray_train_workers(store, tmp_path):
     toml = config_file(tmp_path / "train.toml", store, epochs=1)
     proc = recap("train", "--config", str(toml), "--workers", "2")
     assert "on 2 worker(s)" in proc.stderr and proc.stderr.count("epoch 1/1 | train loss") == 1
+    assert "State API may be temporarily unavailable" not in proc.stderr  # Ray Train's cleaner, every second
     latest = store.read_json("checkpoints/clip/latest.json")["path"]
     model, _ = checkpoint.load(store.abs(latest))
     assert model.config.level == "clip"
