@@ -12,6 +12,7 @@ semantic scores and, for each summary, whether it copies the activity sequence i
     python bench/retrain_level.py recap-store/demo --level segment --epochs 30 --set '{"video_feature_norm": true}'
     python bench/retrain_level.py recap-store/demo --epochs 15 --train-seed 1   # the spread of one configuration
     python bench/retrain_level.py recap-store/demo --epochs 15 --no-reordered   # without the reordered summaries
+    python bench/retrain_level.py recap-store/demo --epochs 15 --train '{"lr": 0.002}'   # another training recipe
     python bench/retrain_level.py recap-store/demo --level segment --epochs 30 --non-recursive --train-seed 1 --init CLIP_CKPT
 
 Runs get their own names (the variant is part of the run's fingerprint): nothing the demo wrote is replaced,
@@ -40,15 +41,15 @@ LOWER = {"segment": "clip", "video": "segment"}
 
 def retrain(store: Store, config, level: str, epochs: int, changes: dict, recursive: bool, init: str | None,
             method: str | None = None, checkpoint: str | None = None, train_seed: int | None = None,
-            reordered: bool = True):
-    """The caption stage of `level`, of a retrained variant."""
+            reordered: bool = True, training: dict | None = None):
+    """The caption stage of `level`, of a retrained variant; `training` changes fields of the train settings."""
     models.recap.DEMO_LEVELS[level].update(changes)  # in the run's fingerprint
     level_config = pipeline.train.level_config
     # the init checkpoint's configuration is the base (models.training.level_config): apply the changes on top
     pipeline.train.level_config = lambda *a, **k: level_config(*a, **k).with_overrides(changes)
     seed = config.train.seed if train_seed is None else train_seed
     config = replace(config, train=replace(config.train, epochs=epochs, recursive=recursive, seed=seed,
-                                           reordered=reordered))
+                                           reordered=reordered, **(training or {})))
     features, *captions = build_stages(config, store)
     lower = captions[LEVELS.index(LOWER[level])]
     if checkpoint is None:
@@ -92,6 +93,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--level", choices=sorted(LOWER), default="video")
     parser.add_argument("--set", default="{}", help="JSON of RecapConfig fields for the level's model")
+    parser.add_argument("--train", default="{}", help='JSON of train settings (pipeline.config.TrainConfig), e.g. '
+                        '\'{"lr": 0.002, "batch_size": 32}\'; they are part of the run\'s fingerprint')
     parser.add_argument("--non-recursive", action="store_true")
     parser.add_argument("--train-seed", type=int, help="the training run's seed (default: the store's); runs "
                         "that differ only in it give the spread of one configuration")
@@ -112,7 +115,8 @@ def main() -> None:
             raise SystemExit(f"{args.store}: no current {args.level} captions (current/); publish them or give --version")
     else:
         version = retrain(store, config, args.level, args.epochs, json.loads(args.set), not args.non_recursive,
-                          args.init, args.method, args.checkpoint, args.train_seed, not args.no_reordered).version()
+                          args.init, args.method, args.checkpoint, args.train_seed, not args.no_reordered,
+                          json.loads(args.train)).version()
     pairs = match_windows(store, args.level, version, "test")
     found = pairs[pairs["iou"].notna()]
     scores = semantic_scores(args.level, found["prediction"].tolist(), found["facts"].tolist())
