@@ -3,9 +3,8 @@ key/value cache, plus `generate_official`, the official greedy loop, kept for
 reproducing official outputs exactly.
 
 Queries are projected to cross-attention keys/values once per call; each step then feeds only the
-newest token (and, to a decoder with clause indices, how many clause-opening tokens came before it).
-Captions stop at EOS one by one; finished rows leave the batch (with their rows of every cache, the
-queries' padding mask included).
+newest token. Captions stop at EOS one by one; finished rows leave the batch (with their rows of every
+cache, the queries' padding mask included).
 """
 
 from __future__ import annotations
@@ -63,11 +62,6 @@ def _take(cache, rows):
     return [None if kv is None else tuple(t[rows] for t in kv) for kv in cache]
 
 
-def _clauses(decoder, tokens, before):
-    """Clause-opening tokens before each row's next token: `before` plus those in `tokens` (B, L)."""
-    return before + decoder.transformer.clause_marks(tokens).sum(1) if decoder.transformer.clause_rows else before
-
-
 def _sample_top_p(logits, top_p, temperature, generator):
     probs, order = F.softmax(logits / temperature, dim=-1).sort(dim=-1, descending=True)
     probs[probs.cumsum(-1) - probs > top_p] = 0  # smallest prefix whose mass reaches top_p
@@ -81,10 +75,8 @@ def _decode(decoder, queries, mask, bos_id, eos_id, max_new_tokens, sample):
     tokens = torch.full((B, 1), bos_id, dtype=torch.long, device=device)
     ids = [[] for _ in range(B)]
     logprob, length = torch.zeros(B, device=device), torch.zeros(B, device=device)
-    clauses = torch.zeros(B, dtype=torch.long, device=device)
     for _ in range(max_new_tokens):
-        logits, past = decoder(tokens, cross_kv=cross_kv, past_key_values=past, clause_start=clauses)
-        clauses = _clauses(decoder, tokens, clauses)
+        logits, past = decoder(tokens, cross_kv=cross_kv, past_key_values=past)
         logits = logits[:, -1].float()
         nxt = logits.argmax(-1) if sample is None else _sample_top_p(logits, *sample)
         logprob[rows] += F.log_softmax(logits, -1).gather(-1, nxt[:, None]).squeeze(-1)
@@ -96,7 +88,6 @@ def _decode(decoder, queries, mask, bos_id, eos_id, max_new_tokens, sample):
         if ended.any():
             keep = ~ended
             rows, nxt, cross_kv, past = rows[keep], nxt[keep], _take(cross_kv, keep), _take(past, keep)
-            clauses = clauses[keep]
             if rows.numel() == 0:
                 break
         tokens = nxt[:, None]
@@ -108,15 +99,13 @@ def _beam_search(decoder, queries, mask, bos_id, eos_id, max_new_tokens, K, leng
     cross_kv = [None if kv is None else tuple(t.repeat_interleave(K, 0) for t in kv)
                 for kv in decoder.cross_kv(queries, mask)]
     past, tokens = None, torch.full((B * K, 1), bos_id, dtype=torch.long, device=device)
-    clauses = torch.zeros(B * K, dtype=torch.long, device=device)
     beam_logprob = torch.zeros(B, K, device=device)
     beam_logprob[:, 1:] = float("-inf")  # all beams start equal: expand only the first at step 1
     seqs = torch.empty(B * K, 0, dtype=torch.long, device=device)
     finished = [[] for _ in range(B)]  # (score, ids) per batch item
     done = [False] * B
     for step in range(1, max_new_tokens + 1):
-        logits, past = decoder(tokens, cross_kv=cross_kv, past_key_values=past, clause_start=clauses)
-        clauses = _clauses(decoder, tokens, clauses)
+        logits, past = decoder(tokens, cross_kv=cross_kv, past_key_values=past)
         logprob = F.log_softmax(logits[:, -1].float(), -1)
         V = logprob.size(-1)
         cand = (beam_logprob[..., None] + logprob.view(B, K, V)).view(B, K * V)
@@ -144,7 +133,6 @@ def _beam_search(decoder, queries, mask, bos_id, eos_id, max_new_tokens, K, leng
         origin = (torch.arange(B, device=device)[:, None] * K + next_beam).view(-1)
         seqs = torch.cat([seqs[origin], next_token.view(-1, 1)], dim=1)
         past, beam_logprob, tokens = _take(past, origin), next_logprob, next_token.view(-1, 1)
-        clauses = clauses[origin]
     for b in range(B):
         if not done[b]:  # out of steps: unfinished beams compete as they are
             n_steps = seqs.size(1)

@@ -7,10 +7,6 @@ and then run the standard GPT-2 block. The attention module keeps the GPT-2 layo
 4.x (persistent uint8 `bias` and `masked_bias` buffers, also on the cross-attention) so official
 checkpoints load strictly; 5.x's `GPT2Attention` has neither buffer.
 
-With `clause_rows` (not official), a learned embedding of each token's clause index, the number of clause-opening
-tokens (`clause_ids`) at or before it, is added to the input embeddings (`wce`); a step-by-step decoder gives the
-count before its first token as `clause_start`.
-
 Caching: `cross_kv(queries, mask)` projects the queries to keys/values once per generation; self-attention
 keys/values of earlier positions are passed back in as `past_key_values`. A mask (B, n) of the queries
 (1 = read, 0 = padding) rides in each layer's cross cache, so whatever selects rows of the cache selects it too.
@@ -110,10 +106,6 @@ class GatedGPT2Model(nn.Module):
         super().__init__()
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)
-        self.clause_rows = getattr(config, "clause_rows", 0)
-        if self.clause_rows:
-            self.wce = nn.Embedding(self.clause_rows, config.n_embd)
-            self.clause_ids = tuple(config.clause_ids)
         self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList(GatedGPT2Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
@@ -123,22 +115,9 @@ class GatedGPT2Model(nn.Module):
         pos = torch.arange(start, start + input_ids.size(1), device=input_ids.device)
         return self.wte(input_ids) + self.wpe(pos)
 
-    def clause_marks(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """1 where a token opens a clause (B, L)."""
-        return torch.isin(input_ids, torch.tensor(self.clause_ids, device=input_ids.device)).long()
-
-    def forward(self, input_ids, cross_kv: list[KV | None], past_key_values: list[KV] | None = None,
-                clause_start: torch.Tensor | None = None):
+    def forward(self, input_ids, cross_kv: list[KV | None], past_key_values: list[KV] | None = None):
         start = past_key_values[0][0].size(2) if past_key_values else 0
-        h = self.embed(input_ids, start)
-        if self.clause_rows:
-            clause = self.clause_marks(input_ids).cumsum(1)
-            if clause_start is not None:
-                clause = clause + clause_start[:, None]
-            elif start:
-                raise ValueError("a cached step of a decoder with clause indices needs clause_start")
-            h = h + self.wce(clause.clamp_max(self.clause_rows - 1))
-        h = self.drop(h)
+        h = self.drop(self.embed(input_ids, start))
         presents = []
         for i, block in enumerate(self.h):
             h, present = block(h, cross_kv[i], past_key_values[i] if past_key_values else None)
@@ -169,13 +148,11 @@ class GatedGPT2LMHeadModel(nn.Module):
         *,
         cross_kv: list[KV | None] | None = None,
         past_key_values: list[KV] | None = None,
-        clause_start: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[KV]]:
         """Logits (B, L, vocab) and the self-attention keys/values of all positions so far.
         Give the queries as `encoder_hidden_states` (+ `encoder_attention_mask`, 0 = padding) or, when
-        decoding step by step, as `cross_kv`, and with clause indices the clause count before `input_ids`
-        (`clause_start`, B)."""
+        decoding step by step, as `cross_kv`."""
         if cross_kv is None:
             cross_kv = self.cross_kv(encoder_hidden_states, encoder_attention_mask)
-        h, presents = self.transformer(input_ids, cross_kv, past_key_values, clause_start)
+        h, presents = self.transformer(input_ids, cross_kv, past_key_values)
         return self.lm_head(h), presents

@@ -30,8 +30,7 @@ from models.qformer import QFormerMapper
 from models.timesformer import TimeSformer, TimeSformerConfig
 
 LEVELS = ("clip", "segment", "video", "unified")
-LATER_FIELDS = {"text_sentence_rows": 0, "text_sentence_end_id": -1,  # and their defaults (RecapConfig.to_dict)
-                "caption_clause_rows": 0, "caption_clause_ids": []}
+LATER_FIELDS = {"text_sentence_rows": 0, "text_sentence_end_id": -1}  # and their defaults (RecapConfig.to_dict)
 # `demo`: small enough to train from scratch on 2 CPU cores in minutes. Widths, then per level
 # (features per example, video queries, text queries); clip examples take all tokens of a window.
 # Trained from scratch, the official layout underfits: each of these was measured on the demo
@@ -73,12 +72,6 @@ class RecapConfig:
     # that copies its descriptions in order needs to know it.
     text_sentence_rows: int = 0
     text_sentence_end_id: int = -1
-    # Rows of a learned embedding of each caption token's clause index (how many of the words that open a clause,
-    # `caption_clause_ids`, are at or before it), added to the decoder's input embeddings; 0 = none (official). With
-    # `text_sentence_rows` on the text side, the summary's k-th activity and the k-th description carry matching
-    # indices, so the decoder need not count what it has written to know which description comes next.
-    caption_clause_rows: int = 0
-    caption_clause_ids: list[int] = field(default_factory=list)
     # The decoder's cross-attention also reads the previous-level text tokens themselves (the text mapper's
     # context, projected to the queries' width if it differs), pads masked; off officially. A summary copies
     # its descriptions in order, which a few learned queries of a small Q-Former do not hold.
@@ -197,8 +190,7 @@ class RecapConfig:
             n_head=self.n_head, n_inner=self.n_inner, activation_function="gelu_new", layer_norm_epsilon=1e-5,
             resid_pdrop=self.dropout, embd_pdrop=self.dropout, attn_pdrop=self.dropout,
             bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id,
-            cross_attn_freq=self.cross_attn_freq, encoder_width=self.qformer_hidden_size,
-            clause_rows=self.caption_clause_rows, clause_ids=list(self.caption_clause_ids))
+            cross_attn_freq=self.cross_attn_freq, encoder_width=self.qformer_hidden_size)
 
     @classmethod
     def from_official_state_dict(cls, sd: dict, args: dict | None = None, overrides: dict | None = None):
@@ -296,8 +288,6 @@ class RecapModel(nn.Module):
             self.text_context_norm = nn.LayerNorm(config.n_embd)
         if config.text_tokens_to_decoder and config.n_embd != width:
             self.text_token_proj = nn.Linear(config.n_embd, width)
-        if config.caption_clause_rows and not config.caption_clause_ids:
-            raise ValueError("caption_clause_rows needs caption_clause_ids (the ids of the words that open a clause)")
         self.text_decoder = GatedGPT2LMHeadModel(config.gpt2_config())
         self.apply(self._init_weights)
         with torch.no_grad():

@@ -41,8 +41,6 @@ def level_config(size: str, level: str, feature_dim: int, tokens_per_window: int
         "text_tokens_to_decoder": sized.text_tokens_to_decoder and recursive,
         "text_sentence_rows": sized.text_sentence_rows if recursive else 0,
         "text_sentence_end_id": sentence_end_id(tokenizer) if sized.text_sentence_rows and recursive else -1,
-        "caption_clause_rows": sized.caption_clause_rows,  # the decoder's: the non-recursive baseline's too
-        "caption_clause_ids": clause_ids(tokenizer) if sized.caption_clause_rows else [],
         # ReCap-U reads window tokens and CLS rows through one set of weights: one set of statistics fits neither
         "video_feature_norm": sized.video_feature_norm and level != "unified",
         "video_feature_whiten": sized.video_feature_whiten and level != "unified",
@@ -56,22 +54,6 @@ def sentence_end_id(tokenizer: Tokenizer) -> int:
     if len(ids) != 1:
         raise ValueError(f"the tokenizer splits '.' into {len(ids)} tokens; text_sentence_rows needs one")
     return ids[0]
-
-
-# The words that open a summary's next activity in the corpus's three summary styles ("..., then stacked ...",
-# ", and finally washed ...", "Then C ...", "Finally, C ..."): a summary's k-th activity follows k-1 of them.
-CLAUSE_WORDS = ("then", "finally")
-
-
-def clause_ids(tokenizer: Tokenizer) -> list[int]:
-    """The ids of CLAUSE_WORDS as whole tokens, capitalised or not, with or without a leading space (GPT-2's BPE
-    keeps the space in the token)."""
-    forms = {f"{space}{case(word)}" for word in CLAUSE_WORDS for case in (str.lower, str.capitalize)
-             for space in ("", " ")}
-    ids = sorted({ids[0] for form in forms if len(ids := tokenizer.encode(form)) == 1})
-    if not ids:
-        raise ValueError(f"the tokenizer has none of {CLAUSE_WORDS} as one token; caption_clause_rows needs them")
-    return ids
 
 
 def query_rows(n: int, k: int) -> np.ndarray:

@@ -297,29 +297,6 @@ def test_each_text_token_carries_the_index_of_its_sentence():
         RecapModel(RecapConfig.preset("video", "tiny").with_overrides({"text_sentence_rows": 3}))
 
 
-def test_each_caption_token_carries_the_index_of_its_clause():
-    """With `caption_clause_rows`, the decoder's input row of a token adds the embedding of how many clause-opening
-    tokens come up to and including it (the opening word belongs to its clause); rows past the last are clamped."""
-    torch.manual_seed(0)
-    THEN, FINALLY = 40, 41
-    model = RecapModel(RecapConfig.preset("video", "tiny").with_overrides(
-        {"caption_clause_rows": 3, "caption_clause_ids": [THEN, FINALLY]})).eval()
-    decoder = model.text_decoder.transformer
-    rows = []
-    decoder.drop.register_forward_hook(lambda module, args, out: rows.append(args[0]))
-    caption = torch.tensor([[99, 5, 6, THEN, 7, THEN, 8, FINALLY, 9]])
-    video = torch.randn(1, model.config.num_video_feat, model.config.video_feature_width)
-    with torch.no_grad():
-        model(video, torch.cat([caption, caption[:, :1]], 1))  # the decoder reads the caption, the target adds EOS
-        clause = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2]])  # the third clause and later: row 2
-        torch.testing.assert_close(rows[0], decoder.embed(caption) + decoder.wce(clause), rtol=0, atol=0)
-    with torch.device("meta"):
-        keys = set(RecapModel(RecapConfig.preset("video", "tiny")).state_dict())
-    assert not any(".wce." in k for k in keys)  # off by default: official files load as before
-    with pytest.raises(ValueError, match="caption_clause_ids"):
-        RecapModel(RecapConfig.preset("video", "tiny").with_overrides({"caption_clause_rows": 3}))
-
-
 def test_feature_norm_standardises_the_features_per_channel_and_is_saved_with_the_model(tmp_path):
     from models import checkpoint
 
