@@ -65,7 +65,8 @@ def retrain(store: Store, config, level: str, epochs: int, changes: dict, recurs
 
 
 def copy_fidelity(store: Store, segment_version: str, video_version: str) -> Counter:
-    """Per test video: is the sequence in its input descriptions right, and does the summary copy it?"""
+    """Per test video: is the sequence in its input descriptions right, does the summary copy it, and which of its
+    activities are right where they should be (an unparsed summary has none right)?"""
     descriptions = read_captions(store, "segment", segment_version).to_pandas()
     counts = Counter()
     for _, row in match_windows(store, "video", video_version, "test").iterrows():
@@ -75,12 +76,15 @@ def copy_fidelity(store: Store, segment_version: str, video_version: str) -> Cou
         got = parse("video", row["prediction"])
         counts["videos"] += 1
         counts["input right"] += given == true
+        for k in range(len(true)):
+            counts[f"activity {k + 1} exists"] += 1
         if got is None:
             counts["unparsed"] += 1
             continue
         sequence = got["activities"]
+        for k, activity in enumerate(true):
+            counts[f"activity {k + 1} right"] += k < len(sequence) and sequence[k] == activity
         counts["copies its input"] += sequence == given
-        counts["first activity right"] += bool(sequence) and sequence[0] == true[0]
         counts["shorter than its input"] += len(sequence) < len(given)
         counts["longer than its input"] += len(sequence) > len(given)
         counts["same length, wrong"] += len(sequence) == len(given) and sequence != given
