@@ -48,8 +48,8 @@ def retrain(store: Store, config, level: str, epochs: int, changes: dict, recurs
     # the init checkpoint's configuration is the base (models.training.level_config): apply the changes on top
     pipeline.train.level_config = lambda *a, **k: level_config(*a, **k).with_overrides(changes)
     seed = config.train.seed if train_seed is None else train_seed
-    config = replace(config, train=replace(config.train, epochs=epochs, recursive=recursive, seed=seed,
-                                           reordered=reordered, **(training or {})))
+    config = replace(config, train=replace(config.train, **{"epochs": epochs, "recursive": recursive, "seed": seed,
+                                                            "reordered": reordered, **(training or {})}))
     features, *captions = build_stages(config, store)
     lower = captions[LEVELS.index(LOWER[level])]
     if checkpoint is None:
@@ -85,6 +85,7 @@ def copy_fidelity(store: Store, segment_version: str, video_version: str) -> Cou
         for k, activity in enumerate(true):
             counts[f"activity {k + 1} right"] += k < len(sequence) and sequence[k] == activity
         counts["copies its input"] += sequence == given
+        counts["right where the input is right"] += sequence == given == true
         counts["shorter than its input"] += len(sequence) < len(given)
         counts["longer than its input"] += len(sequence) > len(given)
         counts["same length, wrong"] += len(sequence) == len(given) and sequence != given
@@ -97,8 +98,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--level", choices=sorted(LOWER), default="video")
     parser.add_argument("--set", default="{}", help="JSON of RecapConfig fields for the level's model")
-    parser.add_argument("--train", default="{}", help='JSON of train settings (pipeline.config.TrainConfig), e.g. '
-                        '\'{"lr": 0.002, "batch_size": 32}\'; they are part of the run\'s fingerprint')
+    parser.add_argument("--train", default="{}", help='JSON of train settings (pipeline.config.TrainConfig), '
+                        'e.g. \'{"lr": 0.002, "batch_size": 32}\'; part of the run\'s fingerprint; they win over '
+                        '--epochs and --train-seed where they name the same field')
     parser.add_argument("--non-recursive", action="store_true")
     parser.add_argument("--train-seed", type=int, help="the training run's seed (default: the store's); runs "
                         "that differ only in it give the spread of one configuration")
