@@ -681,11 +681,12 @@ def demo(store: Annotated[str, typer.Option("--store", "-s", help="Store root fo
          seed: int = 0,
          pretrain: Annotated[bool, typer.Option(help="Pretrain the dual encoder and extract with it; "
                                                      "--no-pretrain: the random encoder's features, no index "
-                                                     "(an ablation)")] = True):
+                                                     "(an ablation)")] = True,
+         retry_failed: RetryOpt = False):
     """The main job on the embedded synthetic corpus: generate, ingest, every stage, status."""
     from pipeline.demo import run_demo
 
-    _exit_for(*run_demo(store, data, preset, seed, pretrain_encoder=pretrain))
+    _exit_for(*run_demo(store, data, preset, seed, pretrain_encoder=pretrain, retry_failed=retry_failed))
 
 
 checkpoint_app = typer.Typer(no_args_is_help=True, context_settings=HELP, rich_markup_mode=None,

@@ -64,9 +64,10 @@ def _with(config: Config, section: str, **values) -> Config:
 
 
 def run_demo(store_root: str, data: Path, preset: str = "demo", seed: int = 0, pretrain_encoder: bool = True,
-             stream=None) -> list[Summary]:
+             retry_failed: bool = False, stream=None) -> list[Summary]:
     """`pretrain_encoder=False` is the ablation of the pretrained encoder: the features come from the randomly
-    initialised tiny encoder, and nothing is indexed (no dual encoder to embed the text with)."""
+    initialised tiny encoder, and nothing is indexed (no dual encoder to embed the text with). `retry_failed`: the
+    stages work again on the units that failed in an earlier run (else they are skipped, as with every stage)."""
     stream = sys.stderr if stream is None else stream  # at the call: --log-file replaces it
     # Training runs here, while no stage works: it takes every core (faster than one: docs/caption-accuracy.md).
     # Stage workers set their own thread counts.
@@ -86,7 +87,7 @@ def run_demo(store_root: str, data: Path, preset: str = "demo", seed: int = 0, p
 
     def stage_run(stage):
         summaries.append(run_stage(stage, store, executor=config.run.executor, max_retries=config.run.max_retries,
-                                   stream=stream))
+                                   retry_failed=retry_failed, stream=stream))
         return stage
 
     features = stage_run(features_stage(config))
