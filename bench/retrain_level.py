@@ -48,8 +48,8 @@ def retrain(store: Store, config, level: str, epochs: int, changes: dict, recurs
     # the init checkpoint's configuration is the base (models.training.level_config): apply the changes on top
     pipeline.train.level_config = lambda *a, **k: level_config(*a, **k).with_overrides(changes)
     seed = config.train.seed if train_seed is None else train_seed
-    config = replace(config, train=replace(config.train, **{"epochs": epochs, "recursive": recursive, "seed": seed,
-                                                            "reordered": reordered, **(training or {})}))
+    train = replace(config.train, epochs=epochs, recursive=recursive, seed=seed, reordered=reordered)
+    config = replace(config, train=replace(train, **(training or {})))
     features, *captions = build_stages(config, store)
     lower = captions[LEVELS.index(LOWER[level])]
     if checkpoint is None:
@@ -64,11 +64,11 @@ def retrain(store: Store, config, level: str, epochs: int, changes: dict, recurs
     return stage
 
 
-def copy_fidelity(store: Store, segment_version: str, video_version: str) -> Counter:
-    """Per test video: is the sequence in its input descriptions right, does the summary copy it, and which of its
-    activities are right where they should be (an unparsed summary has none right)?"""
+def copy_fidelity(store: Store, segment_version: str, video_version: str) -> tuple[Counter, dict[int, str]]:
+    """Per test video: is the sequence in its input descriptions right and does the summary copy it; and per place k
+    of the true sequence, how many summaries name the right activity there (an unparsed summary names none)."""
     descriptions = read_captions(store, "segment", segment_version).to_pandas()
-    counts = Counter()
+    counts, right_at, videos_at = Counter(), Counter(), Counter()
     for _, row in match_windows(store, "video", video_version, "test").iterrows():
         true = json.loads(row["facts"])["activities"]
         inputs = descriptions[descriptions["video_id"] == row["video_id"]].sort_values("start_s")["text"]
@@ -76,20 +76,18 @@ def copy_fidelity(store: Store, segment_version: str, video_version: str) -> Cou
         got = parse("video", row["prediction"])
         counts["videos"] += 1
         counts["input right"] += given == true
-        for k in range(len(true)):
-            counts[f"activity {k + 1} exists"] += 1
+        videos_at.update(range(1, len(true) + 1))
         if got is None:
             counts["unparsed"] += 1
             continue
         sequence = got["activities"]
-        for k, activity in enumerate(true):
-            counts[f"activity {k + 1} right"] += k < len(sequence) and sequence[k] == activity
+        right_at.update(k + 1 for k, (a, b) in enumerate(zip(true, sequence)) if a == b)
         counts["copies its input"] += sequence == given
         counts["right where the input is right"] += sequence == given == true
         counts["shorter than its input"] += len(sequence) < len(given)
         counts["longer than its input"] += len(sequence) > len(given)
         counts["same length, wrong"] += len(sequence) == len(given) and sequence != given
-    return counts
+    return counts, {k: f"{right_at[k]} of {n}" for k, n in sorted(videos_at.items())}
 
 
 def main() -> None:
@@ -130,7 +128,9 @@ def main() -> None:
                                              for k, v in scores.items()))
     if args.level == "video":
         segment_version = build_stages(config, store)[2].version()  # the store's latest segment checkpoint's
-        print("copy fidelity:", dict(copy_fidelity(store, segment_version, version)))
+        counts, right_at = copy_fidelity(store, segment_version, version)
+        print("copy fidelity:", dict(counts))
+        print("activity k right:", right_at)
 
 
 if __name__ == "__main__":
