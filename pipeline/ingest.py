@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -104,7 +105,7 @@ def ingest_hcap(store: Store, metadata_dir: str, videos_root: str, threads: int 
         print(f"[{STAGE}] retrieval queries: {queries.num_rows} rows", file=stream)
     reordered = read_hcap_reordered(metadata_dir)
     if reordered is not None:  # even none: a corpus without them replaces those of its videos from an earlier one
-        write_reordered(store, _keyed(reordered, ids), videos=sorted(set(ids.values())))
+        write_reordered(store, _keyed_parts(_keyed(reordered, ids), ids), videos=sorted(set(ids.values())))
         print(f"[{STAGE}] reordered summaries: {reordered.num_rows} rows", file=stream)
     return ingest(store, sorted(set(uris.values())), threads, stream)
 
@@ -112,6 +113,13 @@ def ingest_hcap(store: Store, metadata_dir: str, videos_root: str, threads: int 
 def _keyed(table: pa.Table, ids: dict[str, str]) -> pa.Table:
     keyed = pa.array([ids[v] for v in table["video_id"].to_pylist()], pa.string())
     return table.set_column(table.schema.get_field_index("video_id"), "video_id", keyed)
+
+
+def _keyed_parts(table: pa.Table, ids: dict[str, str]) -> pa.Table:
+    """The videos named in the parts of reordered and composed summaries, as the store knows them."""
+    parts = [json.dumps([[ids[p[0]], *p[1:]] if len(p) == 3 else p for p in json.loads(text)])
+             for text in table["parts"].to_pylist()]
+    return table.set_column(table.schema.get_field_index("parts"), "parts", pa.array(parts, pa.string()))
 
 
 def _absolute(uri: str) -> str:

@@ -32,7 +32,7 @@ from stages.captions import weights_id
 from stages.features import FeaturesStage
 from models.recap import SIZES
 from models.training import FREEZE, MODEL_RULES, level_config
-from stages.examples import lower_texts
+from stages.examples import told_texts
 from stages.train import Item, TrainPlan, train_worker
 from store import (
     LEVEL, LEVELS, REORDERED_REL, Store, epoch_dir, fingerprint, last_epoch, latest_checkpoint, read_captions,
@@ -132,19 +132,26 @@ def _targets(store: Store, level: str, split: str) -> list[Item]:
 
 
 def _reordered_targets(store: Store, lower: dict, prefix: str, stream) -> list[Item]:
-    """The store's reordered summaries of training videos whose parts the lower-level captions tell one by one
-    (each part some caption, each caption of the span one part); none: an empty list."""
+    """The store's reordered and composed summaries of training videos whose parts the lower-level captions tell one
+    by one (each part some caption); none: an empty list."""
     table = read_reordered(store, "train")
     if table is None or not table.num_rows:
         return []
-    items = [Item(r["video_id"], r["start_s"], r["end_s"], r["text"], tuple(map(tuple, json.loads(r["parts"]))))
+    items = [Item(r["video_id"], r["start_s"], r["end_s"], r["text"], told_parts(r["video_id"], r["parts"]))
              for r in table.to_pylist()]
-    tellable = [i for i in items if lower_texts(lower.get(i.video_id, []), i.start_s, i.end_s, i.parts) is not None]
+    tellable = [i for i in items if told_texts(lower, i.parts) is not None]
     skipped = len(items) - len(tellable)
-    print(f"{prefix} {len(tellable)} reordered summaries ({REORDERED_REL})"
+    composed = sum(len({v for v, _, _ in i.parts}) > 1 for i in tellable)
+    print(f"{prefix} {len(tellable) - composed} reordered and {composed} composed summaries ({REORDERED_REL})"
           + (f"; {skipped} left out: their parts are not the lower-level captions' windows" if skipped else ""),
           file=stream)
     return tellable
+
+
+def told_parts(video_id: str, parts: str) -> tuple[tuple[str, float, float], ...]:
+    """A reordered table's `parts` as (video, start, end); corpora written before composed summaries name no
+    video: the row's own."""
+    return tuple((p[0], p[1], p[2]) if len(p) == 3 else (video_id, p[0], p[1]) for p in json.loads(parts))
 
 
 def _lower_captions(store: Store, level: str, source: str, versions: Sequence[str], targets: dict, stream):

@@ -6,9 +6,10 @@ segment  `num_feat` CLS rows sampled in the segment window (zero-padded, masked)
 video    `num_feat` CLS rows sampled over the whole video (zero-padded, masked)
          + the segment descriptions, each stripped of '.', joined with '. '
 A lower-level caption belongs to a window when it starts at or after the
-window's start and ends at or before its end. A reordered summary's example
-(training only) reads its parts' captions in the order it tells them: a
-caption belongs to the part it overlaps most.
+window's start and ends at or before its end. A reordered or composed
+summary's example (training only) reads part after part in the order it tells
+them: the CLS rows inside the part, and the captions of the part's video that
+overlap it for more than half their length.
 """
 
 from __future__ import annotations
@@ -63,22 +64,23 @@ def join_segment_descriptions(texts: list[str]) -> str:
     return "".join(t.strip(".").strip() + ". " for t in texts).strip()
 
 
-def lower_texts(lower: list[tuple[float, float, str]], start: float, end: float,
-                parts: tuple[tuple[float, float], ...] = ()) -> list[str] | None:
-    """The texts of the (start, end, text) captions inside [start, end], in time order; with `parts`, those of
-    each part in the order told, a caption going to the part it overlaps most (the first of equals); None when the
-    parts do not tell the captions one by one (a caption in no part, or a part without one)."""
-    inside = [c for c in sorted(lower) if c[0] >= start - EPS and c[1] <= end + EPS]
-    if not parts:
-        return [t for _, _, t in inside]
-    found = [[] for _ in parts]
-    for s, e, t in inside:
-        overlaps = [min(e, pe) - max(s, ps) for ps, pe in parts]
-        best = int(np.argmax(overlaps))
-        if overlaps[best] <= 0:
+def lower_texts(lower: list[tuple[float, float, str]], start: float, end: float) -> list[str]:
+    """The texts of the (start, end, text) captions inside [start, end], in time order."""
+    return [t for s, e, t in sorted(lower) if s >= start - EPS and e <= end + EPS]
+
+
+def told_texts(lower: dict[str, list[tuple[float, float, str]]],
+               parts: tuple[tuple[str, float, float], ...]) -> list[str] | None:
+    """The texts of each (video, start, end) part in turn: the captions of its video that overlap it for more than
+    half their length (a last window joined with the tail overlaps its segment for nearly all of it); None when a
+    part has none."""
+    texts = []
+    for video, start, end in parts:
+        found = [t for s, e, t in sorted(lower.get(video, [])) if min(e, end) - max(s, start) > (e - s) / 2]
+        if not found:
             return None
-        found[best].append(t)
-    return [t for texts in found for t in texts] if all(found) else None
+        texts += found
+    return texts
 
 
 def best_window(windows: np.ndarray, start: float, end: float) -> int:
@@ -110,21 +112,34 @@ class ExampleReader:
                 for i, ((s, e), r) in enumerate(zip(spans, rows))]
 
     def span(self, video_id: str, start: float, end: float, lower: list[tuple[float, float, str]],
-             target: str | None = None, parts: tuple[tuple[float, float], ...] = ()) -> Example:
-        """Segment or video example: CLS rows sampled in [start, end] + lower-level captions inside it (those of
-        each of `parts` in turn, where given)."""
+             target: str | None = None) -> Example:
+        """Segment or video example: CLS rows sampled in [start, end] + lower-level captions inside it."""
+        rows = self._rows_inside(video_id, start, end)
+        video, mask = pad_rows(self.features.read_cls(video_id, rows[sample_indices(len(rows), self.num_feat)])
+                               .astype(np.float32), self.num_feat)
+        return Example(video_id, start, end, video, mask, self._join(lower_texts(lower, start, end)), target)
+
+    def told(self, parts: tuple[tuple[str, float, float], ...], lower: dict[str, list[tuple[float, float, str]]],
+             target: str | None = None) -> Example:
+        """A reordered or composed summary's example: part after part in the order told, the CLS rows inside it
+        and its captions (`told_texts`); the rows of all parts sampled as one video's."""
+        texts = told_texts(lower, parts)
+        if texts is None:
+            raise ValueError(f"the parts {parts} do not all have a lower-level caption")
+        rows = np.concatenate([self.features.read_cls(video, self._rows_inside(video, start, end))
+                               for video, start, end in parts]).astype(np.float32)
+        video, mask = pad_rows(rows[sample_indices(len(rows), self.num_feat)], self.num_feat)
+        return Example(parts[0][0], 0.0, sum(e - s for _, s, e in parts), video, mask, self._join(texts), target)
+
+    def _rows_inside(self, video_id: str, start: float, end: float) -> np.ndarray:
         windows = self.windows(video_id)
         rows = np.flatnonzero(inside(windows, start, end))
         if len(rows) == 0:  # a window shorter than one clip: take the one overlapping it most
             rows = np.array([best_window(windows, start, end)])
-        picked = rows[sample_indices(len(rows), self.num_feat)]
-        video, mask = pad_rows(self.features.read_cls(video_id, picked).astype(np.float32), self.num_feat)
-        texts = lower_texts(lower, start, end, parts)
-        if texts is None:
-            raise ValueError(f"{video_id} [{start}, {end}]: the parts {parts} do not tell its lower-level captions "
-                             f"one by one")
-        join = join_clip_captions if self.level == "segment" else join_segment_descriptions
-        return Example(video_id, start, end, video, mask, join(texts), target)
+        return rows
+
+    def _join(self, texts: list[str]) -> str:
+        return join_clip_captions(texts) if self.level == "segment" else join_segment_descriptions(texts)
 
 
 def collate(examples: list[Example], tokenizer, max_text_tokens: int = 512, max_target_tokens: int = 77):

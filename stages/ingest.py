@@ -199,8 +199,9 @@ def read_hcap_queries(metadata_dir: str | os.PathLike) -> pa.Table | None:
 
 
 def read_hcap_reordered(metadata_dir: str | os.PathLike) -> pa.Table | None:
-    """groundtruth/reordered.parquet, the summaries of training videos' segments told in other orders that our
-    synthetic corpus writes (synth.world.ReorderedSummary); None for metadata without them (Ego4D-HCap)."""
+    """groundtruth/reordered.parquet, the summaries of training segments told in orders no video has that our
+    synthetic corpus writes (synth.world.ReorderedSummary, ComposedSummary); None for metadata without them
+    (Ego4D-HCap)."""
     path = Path(metadata_dir) / "groundtruth" / "reordered.parquet"
     return pq.read_table(path).select(REORDERED_SCHEMA.names).cast(REORDERED_SCHEMA) if path.is_file() else None
 

@@ -88,13 +88,14 @@ def warmup_cosine(total_steps: int, warmup_frac: float):
 @dataclass(frozen=True)
 class Item:
     """One training example before reading features: a ground-truth caption and its window; `parts`, where
-    set, the [start, end] of each lower-level window in the order the caption tells them (a reordered summary)."""
+    set, the (video, start, end) of each lower-level window in the order the caption tells them (a reordered or
+    composed summary)."""
 
     video_id: str
     start_s: float
     end_s: float
     target: str
-    parts: tuple[tuple[float, float], ...] = ()
+    parts: tuple[tuple[str, float, float], ...] = ()
 
     def key(self) -> tuple:
         """What a run's fingerprint reads: `parts` only where set, so that runs without them keep their names."""
@@ -138,9 +139,10 @@ class Examples:
             example = self.reader.clip(item.video_id, [(item.start_s, item.end_s)], [item.target])[0]
         elif self.lower is None:
             example = replace(self.reader.span(item.video_id, item.start_s, item.end_s, [], item.target), text=None)
+        elif item.parts:
+            example = self.reader.told(item.parts, self.lower, item.target)
         else:
-            example = self.reader.span(item.video_id, item.start_s, item.end_s, self.lower[item.video_id],
-                                       item.target, item.parts)
+            example = self.reader.span(item.video_id, item.start_s, item.end_s, self.lower[item.video_id], item.target)
         if self.cached_bytes + example.video.nbytes <= EXAMPLE_CACHE_BYTES:
             self.cache[i] = example
             self.cached_bytes += example.video.nbytes

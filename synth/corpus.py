@@ -13,7 +13,7 @@ from typing import Callable
 
 from synth import render
 from synth.presets import SPLITS, Preset, resolve
-from synth.world import Session, plan_corpus
+from synth.world import Session, plan_composed, plan_corpus
 from synth.writer import (
     QUERIES_FILE, REORDERED_FILE, write_groundtruth, write_json, write_mp4, write_queries, write_reordered,
 )
@@ -21,7 +21,7 @@ from synth.writer import (
 GENERATOR_VERSION = "2"  # 2: ground-truth tables carry facts
 # Preset fields that add side tables and leave the videos and the level tables as they were: a corpus written
 # before one existed is the same corpus, completed in place.
-SIDE_TABLE_FIELDS = ("reordered_summaries",)
+SIDE_TABLE_FIELDS = ("reordered_summaries", "composed_summaries")
 
 
 class CorpusMismatch(Exception):
@@ -55,17 +55,19 @@ def generate(preset: str | Preset, out: Path, seed: int = 0,
     done, videos in all)` as videos are written by `workers` processes (default:
     the usable CPUs). Same arguments, same bytes, whatever the number of workers.
     Re-running into a complete copy of the same corpus does nothing but add the
-    side tables (retrieval queries, reordered summaries) to a copy written
-    before corpora had them."""
+    side tables (retrieval queries, reordered and composed summaries) to a
+    copy written before corpora had them."""
     preset, out = resolve(preset), Path(out)
     sessions = plan_corpus(preset, seed)
+    composed = plan_composed(preset, seed, sessions)
     manifest = Manifest.of(preset, seed, sessions)
     done = replace(manifest, complete=True)
     if _existing_manifest(out, manifest) == done:
         if not (out / "groundtruth" / QUERIES_FILE).is_file():
             write_queries(out, sessions, seed)
-        if not (out / "groundtruth" / REORDERED_FILE).is_file():
-            write_reordered(out, sessions)
+        written = json.loads((out / "manifest.json").read_text())["preset"]
+        if not (out / "groundtruth" / REORDERED_FILE).is_file() or set(SIDE_TABLE_FIELDS) - set(written):
+            write_reordered(out, sessions, composed)
             write_json(out / "manifest.json", asdict(done))  # with today's preset fields
         return done
 
@@ -82,7 +84,7 @@ def generate(preset: str | Preset, out: Path, seed: int = 0,
         _report(map(_write_video, *zip(*jobs)), len(jobs), progress)
     write_groundtruth(out, sessions)
     write_queries(out, sessions, seed)
-    write_reordered(out, sessions)
+    write_reordered(out, sessions, composed)
     write_json(out / "manifest.json", asdict(done))
     return done
 

@@ -92,6 +92,20 @@ class ReorderedSummary:
 
 
 @dataclass(frozen=True)
+class ComposedSummary:
+    """Segments of several training videos of one place, told as if one video had them in this order, summarised
+    as a video is: extra video-level supervision whose story no video has, so a recursive model can only fit it by
+    reading its descriptions in order, not by recalling a training video's story from its features."""
+    place: str
+    parts: tuple[tuple[str, Segment], ...]  # (video, segment), in the order told
+    summary: str
+
+    @property
+    def segments(self) -> tuple[Segment, ...]:
+        return tuple(g for _, g in self.parts)
+
+
+@dataclass(frozen=True)
 class Session:
     vid: str
     split: str
@@ -143,6 +157,31 @@ def plan_session(vid: str, split: str, preset: Preset, rng: np.random.Generator)
         [render_seed, 2])) if preset.reordered_summaries and split == "train" else ()
     return Session(vid, split, place, float(duration), tuple(clips), tuple(segments), summary, render_seed, spans,
                    reordered)
+
+
+def plan_composed(preset: Preset, seed: int, sessions: list[Session]) -> tuple[ComposedSummary, ...]:
+    """`preset.composed_summaries` composed summaries of the training sessions, from a random stream of their own
+    (the rest of the corpus is as without them): a place, then as many distinct segments of its training videos as
+    a video has activities, never the same activity twice in a row. Fewer where the places lack segments."""
+    rng = np.random.default_rng([seed, 3])
+    pool: dict[str, list[tuple[str, Segment]]] = {}
+    for s in sessions:
+        if s.split == "train":
+            pool.setdefault(s.place, []).extend((s.vid, g) for g in s.segments)
+    places, composed = sorted(pool), []
+    for _ in range(8 * preset.composed_summaries if places else 0):  # a few draws more than needed: some fail
+        place = places[int(rng.integers(len(places)))]
+        n = int(rng.integers(preset.activities_per_video[0], preset.activities_per_video[1] + 1))
+        parts: list[tuple[str, Segment]] = []
+        for i in rng.permutation(len(pool[place])):
+            if len(parts) < n and (not parts or parts[-1][1].activity != pool[place][i][1].activity):
+                parts.append(pool[place][i])
+        if len(parts) == n:
+            summary = captions.video_summary(place, [(g.activity, [c.action for c in g.clips]) for _, g in parts], rng)
+            composed.append(ComposedSummary(place, tuple(parts), summary))
+        if len(composed) == preset.composed_summaries:
+            break
+    return tuple(composed)
 
 
 def _span_summaries(place: str, segments: list[Segment], rng: np.random.Generator) -> tuple[SpanSummary, ...]:

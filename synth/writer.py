@@ -2,7 +2,7 @@
 Ego4D-HCap layout (pickles and JSON per split) and as Parquet tables, which
 also hold the facts behind every caption (`synth.facts`); the retrieval
 queries (`synth.queries`), a Parquet table in the same schema; and the
-reordered summaries of the training videos, that schema plus their parts."""
+reordered and composed summaries of training segments, that schema plus their parts."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from synth.facts import facts_of_clip, facts_of_segment, facts_of_video
 from synth.presets import SPLITS
 from synth.queries import plan_queries
-from synth.world import Session
+from synth.world import ComposedSummary, Session
 
 GROUNDTRUTH_SCHEMA = pa.schema([
     ("video_id", pa.string()), ("split", pa.string()), ("level", pa.string()),
@@ -28,8 +28,10 @@ GROUNDTRUTH_SCHEMA = pa.schema([
     ("facts", pa.string()),  # JSON: what the caption states (synth.facts)
 ])
 QUERIES_FILE = "queries.parquet"  # under groundtruth/, next to the level tables
-# Summaries of training videos' segments told in other orders (synth.world.ReorderedSummary): the ground-truth
-# schema plus `parts`, JSON of the [start, end] of each segment in the order the summary tells them.
+# Summaries of training segments told in orders no video has: a video's segments in another order
+# (synth.world.ReorderedSummary) and segments of several videos of one place (ComposedSummary). The ground-truth
+# schema plus `parts`, JSON of the [video, start, end] of each segment in the order told; `video_id` is the
+# first part's video, [start_s, end_s] its whole video for a reordered summary, [0, the parts' length] else.
 REORDERED_FILE = "reordered.parquet"
 REORDERED_SCHEMA = GROUNDTRUTH_SCHEMA.append(pa.field("parts", pa.string()))
 
@@ -83,12 +85,17 @@ def write_groundtruth(out: Path, sessions: list[Session]) -> None:
         _write_parquet(table, out / "groundtruth" / f"{level}.parquet")
 
 
-def write_reordered(out: Path, sessions: list[Session]) -> None:
-    """groundtruth/reordered.parquet: the reordered summaries of the training videos (none: an empty table)."""
-    rows = [{"video_id": s.vid, "split": s.split, "level": "video", "start_s": 0.0, "end_s": s.duration_s,
-             "text": r.summary, "facts": json.dumps(facts_of_video(s.place, r.segments), sort_keys=True),
-             "parts": json.dumps([[g.start_s, g.end_s] for g in r.segments])}
+def write_reordered(out: Path, sessions: list[Session], composed: tuple[ComposedSummary, ...] = ()) -> None:
+    """groundtruth/reordered.parquet: the reordered summaries of the training videos, then the composed summaries
+    (none: an empty table)."""
+    def row(video: str, split: str, start: float, end: float, place: str, summary: str, parts) -> dict:
+        return {"video_id": video, "split": split, "level": "video", "start_s": start, "end_s": end, "text": summary,
+                "facts": json.dumps(facts_of_video(place, [g for _, g in parts]), sort_keys=True),
+                "parts": json.dumps([[v, g.start_s, g.end_s] for v, g in parts])}
+    rows = [row(s.vid, s.split, 0.0, s.duration_s, s.place, r.summary, [(s.vid, g) for g in r.segments])
             for s in sessions for r in s.reordered_summaries]
+    rows += [row(c.parts[0][0], "train", 0.0, sum(g.end_s - g.start_s for g in c.segments), c.place, c.summary,
+                 c.parts) for c in composed]
     (out / "groundtruth").mkdir(exist_ok=True)
     _write_parquet(pa.Table.from_pylist(rows, schema=REORDERED_SCHEMA), out / "groundtruth" / REORDERED_FILE)
 

@@ -13,7 +13,7 @@ from pipeline.dag import build_stages
 from pipeline.ingest import ingest_hcap
 from pipeline.run import run_all
 from pipeline.runner import run_stage
-from stages.examples import ExampleReader, lower_texts
+from stages.examples import ExampleReader, inside, told_texts
 from pipeline.dag import features_stage
 from store import Store, read_captions, read_videos
 
@@ -209,28 +209,33 @@ def test_segment_and_video_examples_hold_exactly_the_lower_captions_in_order(fea
         assert whole.text == " ".join(s["text"].strip(".").strip() + "." for s in segments)
 
 
-def test_a_reordered_summary_s_example_reads_the_descriptions_in_the_order_it_tells(featured_store, checkpoints):
-    """Training only: the same features as the video's own example, its parts' descriptions in the parts' order."""
+def test_a_told_summary_s_example_reads_its_parts_in_the_order_told(featured_store, checkpoints):
+    """Training only: a reordered or composed summary's example reads part after part, each part's CLS rows and the
+    descriptions of its own video that overlap it for more than half their length."""
     store = Store(featured_store)
     features = build_stages(config_for(store.root, checkpoints), store)[0].feature_set(store)
-    reader = ExampleReader(features, "video", 8)
-    video_id = read_videos(store)[0]["video_id"]
+    reader = ExampleReader(features, "video", 64)  # more rows than the parts have: all of them, in the order told
+    a, b = [v["video_id"] for v in read_videos(store)][:2]
     # predicted descriptions: the last window runs into the tail, past its segment's end
-    lower = [(0.0, 24.0, "C sorted the red cubes."), (24.0, 48.0, "C washed the ball."), (48.0, 53.0, "C stacked.")]
-    parts = ((48.0, 52.0), (0.0, 24.0), (24.0, 48.0))
-    told = reader.span(video_id, 0.0, 53.0, lower, "target", parts)
-    in_time = reader.span(video_id, 0.0, 53.0, lower, "target")
-    assert told.text == "C stacked. C sorted the red cubes. C washed the ball."
+    lower = {a: [(0.0, 24.0, "C sorted the red cubes."), (24.0, 48.0, "C washed the ball."), (48.0, 53.0, "C stacked.")],
+             b: [(0.0, 24.0, "C painted the cone red."), (24.0, 48.0, "C arranged the ring.")]}
+    parts = ((a, 48.0, 52.0), (b, 24.0, 48.0), (a, 0.0, 24.0))
+    told = reader.told(parts, lower, "target")
+    assert told.text == "C stacked. C arranged the ring. C sorted the red cubes."
+    rows = [features.read_cls(v, np.flatnonzero(inside(features.windows(v), s, e))) for v, s, e in parts]
+    assert all(len(r) for r in rows)
+    assert np.array_equal(told.video[told.video_mask.astype(bool)], np.concatenate(rows).astype(np.float32))
+    assert (told.video_id, told.target) == (a, "target")
+    # one video's segments in another order read as the video's own example does, but for the order
+    in_time = reader.span(a, 0.0, 53.0, lower[a], "target")
+    assert reader.told(((a, 24.0, 48.0), (a, 0.0, 24.0), (a, 48.0, 52.0)), lower, "target").text == \
+        "C washed the ball. C sorted the red cubes. C stacked."
     assert in_time.text == "C sorted the red cubes. C washed the ball. C stacked."
-    assert np.array_equal(told.video, in_time.video) and np.array_equal(told.video_mask, in_time.video_mask)
-    # a caption across two parts is read once, in the part it overlaps most (the first of equals); parts that do
-    # not tell the captions one by one tell nothing
-    parts = ((32.0, 64.0), (0.0, 32.0))
-    assert lower_texts([(16.0, 48.0, "a"), (0.0, 16.0, "c")], 0.0, 64.0, parts) == ["a", "c"]
-    assert lower_texts([(16.0, 48.0, "a"), (40.0, 50.0, "b")], 0.0, 64.0, parts) is None
-    assert lower_texts([(0.0, 32.0, "a"), (60.0, 70.0, "b")], 0.0, 70.0, ((0.0, 32.0),)) is None
-    with pytest.raises(ValueError, match="do not tell its lower-level captions one by one"):
-        reader.span(video_id, 0.0, 53.0, lower, "target", ((0.0, 24.0),))
+    # a part that no caption of its video overlaps for more than half the caption's length tells nothing
+    assert told_texts(lower, ((a, 0.0, 13.0),)) == ["C sorted the red cubes."]
+    assert told_texts(lower, ((a, 0.0, 12.0),)) is None and told_texts(lower, ((b, 48.0, 52.0),)) is None
+    with pytest.raises(ValueError, match="do not all have a lower-level caption"):
+        reader.told(((a, 0.0, 24.0), (b, 48.0, 52.0)), lower, "target")
 
 
 def test_the_lower_level_text_reaches_the_model(featured_store, checkpoints):

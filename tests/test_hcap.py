@@ -75,13 +75,14 @@ def test_ground_truth_is_keyed_by_the_registry_ids(store, tiny_corpus, tmp_path)
     assert read_groundtruth(store, "clip")["video_id"].to_pylist() == registered
 
 
-def test_a_corpus_s_reordered_summaries_reach_the_store(store, tmp_path):
+def test_a_corpus_s_reordered_and_composed_summaries_reach_the_store(store, tmp_path):
     import dataclasses
 
     import synth
 
     corpus = tmp_path / "corpus"
-    synth.generate(dataclasses.replace(synth.PRESETS["tiny"], reordered_summaries=2), corpus, seed=0)
+    synth.generate(dataclasses.replace(synth.PRESETS["tiny"], reordered_summaries=2, composed_summaries=2), corpus,
+                   seed=0)
     ingest_hcap(store, str(corpus), str(corpus / "videos"))
     expected = pq.read_table(corpus / "groundtruth" / "reordered.parquet")
     assert expected.num_rows and _rows(read_reordered(store)) == _rows(expected)
@@ -89,3 +90,23 @@ def test_a_corpus_s_reordered_summaries_reach_the_store(store, tmp_path):
     synth.generate("tiny", tmp_path / "without", seed=0)  # the same videos, no reordered summaries
     ingest_hcap(store, str(tmp_path / "without"), str(tmp_path / "without" / "videos"))
     assert read_reordered(store).num_rows == 0  # not kept from the earlier corpus
+
+
+def test_the_parts_of_told_summaries_name_the_videos_by_their_registry_ids():
+    """A composed summary's parts name other videos: ingest keys them as it keys the rows; parts written before
+    they named videos (the row's own) stay as they are."""
+    import json
+
+    import pyarrow as pa
+
+    from pipeline.ingest import _keyed, _keyed_parts
+    from store import REORDERED_SCHEMA
+
+    row = {"video_id": "a b", "split": "train", "level": "video", "start_s": 0.0, "end_s": 48.0, "text": "t"}
+    table = pa.Table.from_pylist([{**row, "parts": json.dumps([["c d", 0.0, 24.0], ["a b", 24.0, 48.0]])},
+                                  {**row, "parts": json.dumps([[24.0, 48.0], [0.0, 24.0]])}], schema=REORDERED_SCHEMA)
+    ids = {"a b": "a_b-1", "c d": "c_d-2"}
+    keyed = _keyed_parts(_keyed(table, ids), ids)
+    assert keyed["video_id"].to_pylist() == ["a_b-1", "a_b-1"]
+    assert [json.loads(p) for p in keyed["parts"].to_pylist()] == [
+        [["c_d-2", 0.0, 24.0], ["a_b-1", 24.0, 48.0]], [[24.0, 48.0], [0.0, 24.0]]]

@@ -18,9 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from synth import PRESETS, CorpusMismatch, Preset, facts, generate, queries
+from synth.corpus import SIDE_TABLE_FIELDS
 from synth.captions import CLIP_TEMPLATES, SEGMENT_TEMPLATES, SUMMARY_PHRASES
 from synth.presets import SPLITS
-from synth.world import plan_corpus
+from synth.world import plan_composed, plan_corpus
 from synth.writer import GROUNDTRUTH_SCHEMA
 
 TINY = PRESETS["tiny"]
@@ -289,19 +290,57 @@ def test_reordered_summaries_tell_a_training_video_s_segments_in_other_orders():
     assert [dataclasses.replace(s, reordered_summaries=()) for s in told] == without
 
 
+def test_composed_summaries_tell_segments_of_several_training_videos_of_one_place():
+    preset = PRESETS["demo"]
+    sessions = plan_corpus(preset, 0)
+    composed = plan_composed(preset, 0, sessions)
+    train = {s.vid: s for s in sessions if s.split == "train"}
+    assert len(composed) == preset.composed_summaries > 0
+    assert sum(len({v for v, _ in c.parts}) > 1 for c in composed) > 0.9 * len(composed)
+    lengths = {len(c.parts) for c in composed}
+    assert lengths == set(range(preset.activities_per_video[0], preset.activities_per_video[1] + 1))
+    for c in composed:
+        assert all(v in train and train[v].place == c.place and g in train[v].segments for v, g in c.parts)
+        assert len(set(c.parts)) == len(c.parts)
+        activities = [g.activity for g in c.segments]
+        assert all(a != b for a, b in zip(activities, activities[1:]))
+        assert facts.parse("video", c.summary) == {"place": c.place, "activities": activities}
+    assert len({c.summary for c in composed}) == len(composed)
+    assert plan_composed(preset, 0, sessions) == composed and plan_composed(preset, 1, sessions) != composed
+
+
 def test_the_reordered_table_names_the_parts_in_the_order_told(tmp_path):
-    preset = dataclasses.replace(TINY, reordered_summaries=2)
+    """Reordered summaries (one video's segments) and composed ones (several videos'), each part a
+    [video, start, end] of a training segment."""
+    preset = dataclasses.replace(TINY, reordered_summaries=2, composed_summaries=3)
     generate(preset, tmp_path, seed=0)
     rows = pq.read_table(tmp_path / "groundtruth" / "reordered.parquet").to_pylist()
     segments = pq.read_table(tmp_path / "groundtruth" / "segment.parquet").to_pylist()
-    train = [s for s in plan_corpus(preset, 0) if s.split == "train"]
-    assert len(rows) == sum(len(s.reordered_summaries) for s in train) > 0
-    for r in rows:
+    plan = plan_corpus(preset, 0)
+    reordered = sum(len(s.reordered_summaries) for s in plan if s.split == "train")
+    assert len(rows) == reordered + 3 and reordered > 0
+    for i, r in enumerate(rows):
         parts = json.loads(r["parts"])
-        told = [next(g for g in segments if g["video_id"] == r["video_id"] and [g["start_s"], g["end_s"]] == part)
-                for part in parts]
+        told = [next(g for g in segments if [g["video_id"], g["start_s"], g["end_s"]] == part) for part in parts]
+        assert r["split"] == "train" and all(g["split"] == "train" for g in told)
+        assert r["video_id"] == parts[0][0] and (i >= reordered or {p[0] for p in parts} == {r["video_id"]})
         assert json.loads(r["facts"]) == facts.parse("video", r["text"])
         assert json.loads(r["facts"])["activities"] == [json.loads(g["facts"])["activity"] for g in told]
+    assert [r["text"] for r in rows[reordered:]] == [c.summary for c in plan_composed(preset, 0, plan)]
+
+
+def test_a_corpus_written_before_composed_summaries_gets_them_in_place(tmp_path):
+    """The demo's upgrade path: the same videos and level tables; the reordered table rewritten with them."""
+    preset = dataclasses.replace(TINY, reordered_summaries=2, composed_summaries=3)
+    generate(dataclasses.replace(preset, composed_summaries=0), tmp_path / "old", seed=0)
+    generate(preset, tmp_path / "new", seed=0)
+    manifest = json.loads((tmp_path / "old" / "manifest.json").read_text())
+    del manifest["preset"]["composed_summaries"]  # as written before the field existed
+    (tmp_path / "old" / "manifest.json").write_text(json.dumps(manifest))
+    videos = {p: p.stat().st_mtime_ns for p in (tmp_path / "old" / "videos").iterdir()}
+    assert generate(preset, tmp_path / "old", seed=0).complete
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "old" / "videos").iterdir()} == videos
+    assert digests(tmp_path / "old") == digests(tmp_path / "new")
 
 
 def test_a_corpus_written_before_reordered_summaries_is_completed_in_place(corpus, tmp_path):
@@ -355,9 +394,10 @@ def test_queries_leave_every_other_file_of_a_seed_as_it_was(corpus):
     hcap = hashlib.sha256()
     for path in sorted(p for p in corpus.iterdir() if p.suffix in (".pkl", ".json")):
         hcap.update(path.name.encode())
-        if path.name == "manifest.json":  # as written before the preset had this field
+        if path.name == "manifest.json":  # as written before the preset had these fields
             manifest = json.loads(path.read_text())
-            del manifest["preset"]["reordered_summaries"]
+            for field in SIDE_TABLE_FIELDS:
+                del manifest["preset"][field]
             hcap.update((json.dumps(manifest, indent=1) + "\n").encode())
         else:
             hcap.update(path.read_bytes())

@@ -365,10 +365,11 @@ def test_the_demo_video_model_whitens_its_features_with_the_train_split_s_statis
     assert torch.allclose(model.video_feature_std, projected.std(0).clamp_min(floor).float(), rtol=1e-4)
 
 
-def test_reordered_summaries_are_targets_of_the_recursive_video_level_only(store, monkeypatch):
-    """Each reordered summary is one more training example of the recursive video model, which reads its parts'
-    descriptions in the order told; the non-recursive model, which has no text to read the order from, and
-    `reordered = false` leave them out; a run without them keeps the name it had before they existed."""
+def test_reordered_and_composed_summaries_are_targets_of_the_recursive_video_level_only(store, monkeypatch):
+    """Each reordered or composed summary is one more training example of the recursive video model, which reads its
+    parts' descriptions in the order told (a composed one's from several videos); the non-recursive model, which has
+    no text to read the order from, and `reordered = false` leave them out; a run without them keeps the name it had
+    before they existed. Tables written before composed summaries name no video in their parts: the row's own."""
     from stages.examples import ExampleReader
     from stages.train import Item
     from store import REORDERED_SCHEMA, write_reordered
@@ -385,17 +386,23 @@ def test_reordered_summaries_are_targets_of_the_recursive_video_level_only(store
     rows = [{**video, "text": "In the garden, C washed the ball, then sorted the cubes.", "facts": None}
             for video in videos]
     untellable = {**rows[0], "parts": json.dumps([[0.0, 1.0]])}  # the descriptions are not this part's
-    write_reordered(store, pa.Table.from_pylist(rows + [untellable], schema=REORDERED_SCHEMA))
+    first, second = ([s for s in segments if s["video_id"] == v["video_id"]][0] for v in videos[:2])
+    composed = {**rows[0], "text": "In the kitchen, C stacked the cone.",
+                "parts": json.dumps([[g["video_id"], g["start_s"], g["end_s"]] for g in (second, first)])}
+    write_reordered(store, pa.Table.from_pylist(rows + [untellable, composed], schema=REORDERED_SCHEMA))
     read = []
-    span = ExampleReader.span
-    monkeypatch.setattr(ExampleReader, "span", lambda self, *a, **k: read.append(span(self, *a, **k)) or read[-1])
+    for name in ("span", "told"):
+        method = getattr(ExampleReader, name)
+        monkeypatch.setattr(ExampleReader, name, lambda self, *a, _m=method, **k: read.append(_m(self, *a, **k)) or read[-1])
 
     told, log = run(store, level="video", lower="groundtruth", epochs=1)
     assert told.trained and told.run != before.run
-    assert f"{len(rows)} reordered summaries" in log and "1 left out" in log
-    assert f"{len(videos) + len(rows)} video training examples" in log
+    assert f"{len(rows)} reordered and 1 composed summaries" in log and "1 left out" in log
+    assert f"{len(videos) + len(rows) + 1} video training examples" in log
     reordered = [e for e in read if e.target == rows[0]["text"]]
     assert len(reordered) == len(rows) and all(e.text == told_text[e.video_id] for e in reordered)
+    [across] = [e for e in read if e.target == composed["text"]]
+    assert across.text == f"{second['text'].strip('.')}. {first['text'].strip('.')}."
     without, _ = run(store, level="video", lower="groundtruth", epochs=1, reordered=False)
     assert not without.trained and without.run == before.run
     flat, log = run(store, level="video", recursive=False, epochs=1)
