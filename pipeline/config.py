@@ -57,6 +57,7 @@ class TrainConfig:
     recursive: bool = True       # False: no lower-level text at all (the paper's non-recursive baseline)
     reordered: bool = True       # recursive video level: also the store's reordered summaries, if it has any
                                  # (groundtruth/reordered.parquet: segments told in other orders)
+    group_by_length: bool = False  # batches of targets of like length (less padding; stages.train.epoch_batches)
     tokenizer: str = ""          # local GPT-2 tokenizer folder; empty = BPE trained on the corpus captions
     vocab_size: int = 1000       # for the corpus BPE tokenizer
     seed: int = 0

@@ -69,9 +69,9 @@ def train(config: Config, store: Store, level: str, *, init_from: str | None = N
         targets["train"]["video"] += _reordered_targets(store, lower["video"], f"[train {level}]", stream)
     feature_ids = _feature_fingerprints(store, features, targets, needs_tokens="clip" in levels)
 
-    # `reordered` shows in the data: runs from before it existed keep their names
+    # `reordered` shows in the data; `group_by_length` only when on: runs from before they existed keep their names
     params = {k: v for k, v in asdict(settings).items()
-              if k not in ("workers", "reordered") and (k != "lower" or lower)}
+              if k not in ("workers", "reordered") and (k != "lower" or lower) and (k != "group_by_length" or v)}
     data = {split: {lvl: [i.key() for i in items] for lvl, items in by_level.items()}
             for split, by_level in targets.items()}
     architecture = [MODEL_RULES, RecapConfig.preset("video" if level == "unified" else level, settings.size).to_dict()]

@@ -39,6 +39,7 @@ from store import FeatureSet, Store, commit_epoch, epoch_dir, last_epoch
 
 EXAMPLE_CACHE_BYTES = 2 << 30  # per worker: examples read once stay in memory up to this much
 PROGRESS_EVERY_S = 5.0
+LENGTH_GROUP_BATCHES = 50  # group_by_length: batches whose examples are sorted by length together
 PLOT_EVERY_S = 60.0
 
 HISTORY_SCHEMA = pa.schema([("epoch", pa.int64()), ("step", pa.int64()), ("split", pa.string()),
@@ -149,14 +150,23 @@ class Examples:
         return example
 
 
-def epoch_batches(sizes: dict[str, int], batch_size: int, seed: int, epoch: int, world: int):
+def epoch_batches(sizes: dict[str, int], batch_size: int, seed: int, epoch: int, world: int,
+                  lengths: dict[str, list[int]] | None = None):
     """(level, example indices) of every global batch of an epoch, the same on every rank. Each level is
     shuffled on its own; levels alternate batch by batch (ReCap-U). A last batch too small to give every
-    rank an example is dropped."""
+    rank an example is dropped. With `lengths` (each example's target length, per level), batches hold examples
+    of like length: each run of LENGTH_GROUP_BATCHES batches of the shuffled order is sorted by length before it
+    is cut, and the batches are then shuffled (less padding; as many batches)."""
     per_level = []
     for index, (level, n) in enumerate(sizes.items()):
-        order = np.random.default_rng([seed, epoch, index]).permutation(n)
+        rng = np.random.default_rng([seed, epoch, index])
+        order = rng.permutation(n)
+        if lengths:
+            run = LENGTH_GROUP_BATCHES * batch_size
+            order = np.concatenate([sorted(order[i:i + run], key=lambda j: lengths[level][j]) for i in range(0, n, run)])
         chunks = [order[i:i + batch_size].tolist() for i in range(0, n, batch_size)]
+        if lengths:
+            chunks = [chunks[i] for i in rng.permutation(len(chunks))]
         per_level.append([(level, c) for c in chunks if len(c) >= world])
     return [batches[turn] for turn in range(max(map(len, per_level), default=0))
             for batches in per_level if turn < len(batches)]
@@ -223,13 +233,16 @@ class Trainer:
                              for level, items in by_level.items()}
                      for split, by_level in (("train", plan.train), ("val", plan.val))}
         self.sizes = {level: len(examples) for level, examples in self.data["train"].items()}
+        self.lengths = ({level: [len(item.target) for item in items] for level, items in plan.train.items()}
+                        if self.s.group_by_length else None)
         self.model = self._model().to(self.device)
         set_trainable(self.model, self.s.freeze)
         # Unused parameters: clip batches skip the text mapper, and the Q-Formers' token embeddings are never
         # read. The buffers (causal masks, feature statistics) are constants: nothing to broadcast every step.
         self.net = (DistributedDataParallel(self.model, find_unused_parameters=True, forward_sync_buffers=False)
                     if self.world > 1 else self.model)
-        self.steps_per_epoch = len(epoch_batches(self.sizes, self.s.batch_size, self.s.seed, 1, self.world))
+        self.steps_per_epoch = len(epoch_batches(self.sizes, self.s.batch_size, self.s.seed, 1, self.world,
+                                                 self.lengths))
         self.optimizer, self.scheduler, self.history = optimization(self.model, self.s, self.steps_per_epoch,
                                                                     self.store, plan.run_dir, self.start)
 
@@ -274,7 +287,7 @@ class Trainer:
         self.net.train()
         losses = []
         for i, (level, indices) in enumerate(epoch_batches(self.sizes, self.s.batch_size, self.s.seed, epoch,
-                                                           self.world)):
+                                                           self.world, self.lengths)):
             loss = self.loss([self.data["train"][level][j] for j in indices[self.rank::self.world]], self.net)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -27,7 +27,7 @@ from pipeline.train import train
 from stages.evaluate import evaluate_level
 from pipeline.dag import features_stage
 from models.training import load_init, query_rows, set_trainable
-from stages.train import epoch_batches, param_groups
+from stages.train import LENGTH_GROUP_BATCHES, epoch_batches, param_groups
 from store import CAPTION_SCHEMA, Store, captions_rel, read_groundtruth
 
 from conftest import REPO, copy_store, kill_at_first_epoch
@@ -243,6 +243,44 @@ def test_epoch_batches_cover_each_level_and_are_a_function_of_seed_and_epoch():
     # two workers: a batch of one example cannot be split, so it is dropped
     two = epoch_batches({"clip": 5, "segment": 2, "video": 1}, batch_size=2, seed=0, epoch=1, world=2)
     assert [level for level, _ in two] == ["clip", "segment", "clip"]
+
+
+def test_batches_grouped_by_length_hold_examples_of_like_length():
+    """As many batches as without grouping, every example once an epoch, a function of seed and epoch; inside each
+    run of LENGTH_GROUP_BATCHES batches a batch's lengths do not overlap another's, so padding shrinks."""
+    n, size = 1000, 16
+    lengths = {"video": np.random.default_rng(0).integers(10, 120, n).tolist()}
+    plain = epoch_batches({"video": n}, size, seed=0, epoch=1, world=1)
+    grouped = epoch_batches({"video": n}, size, seed=0, epoch=1, world=1, lengths=lengths)
+    assert len(grouped) == len(plain) and sorted(i for _, b in grouped for i in b) == list(range(n))
+    assert grouped == epoch_batches({"video": n}, size, seed=0, epoch=1, world=1, lengths=lengths)
+    assert grouped != epoch_batches({"video": n}, size, seed=0, epoch=2, world=1, lengths=lengths)
+    run = LENGTH_GROUP_BATCHES * size
+    span = lambda b: (min(lengths["video"][i] for i in b), max(lengths["video"][i] for i in b))
+    for first in range(0, n, run):
+        spans = sorted(span(b) for _, b in grouped if set(b) <= {int(i) for i in np.random.default_rng(
+            [0, 1, 0]).permutation(n)[first:first + run]})
+        assert len(spans) == len(range(first, min(n, first + run), size))
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    padded = lambda batches: sum(len(b) * span(b)[1] for _, b in batches)
+    assert padded(grouped) < 0.8 * padded(plain)
+
+
+def test_group_by_length_reaches_the_trainer_and_names_a_run_of_its_own(store, monkeypatch):
+    """On, the trainer batches by its targets' lengths; off, a run keeps the name it had before the setting existed."""
+    import stages.train
+
+    given = []
+    batches = stages.train.epoch_batches
+    monkeypatch.setattr(stages.train, "epoch_batches", lambda *a: given.append(a[5]) or batches(*a))
+    plain, _ = run(store, epochs=1)
+    assert set(given) == {None}
+    grouped, _ = run(store, epochs=1, group_by_length=True)
+    assert grouped.trained and grouped.run != plain.run
+    targets = read_groundtruth(store, "clip", "train")["text"].to_pylist()
+    assert given[-1] == {"clip": [len(t) for t in targets]}
+    off, _ = run(store, epochs=1, group_by_length=False)
+    assert not off.trained and off.run == plain.run
 
 
 @pytest.mark.parametrize("level", ["clip", "segment", "video"])
