@@ -47,7 +47,7 @@ DEMO_SETTINGS = {
     # segment descriptions and summaries); its visual tower then extracts the features.
     "pretrain": {"size": "tiny", "epochs": 6, "text_epochs": 3, "batch_size": 64, "lr": 1e-3},
 }
-# Training examples: 2,144 clips, 260 segments, 64 videos + ~600 runs of segments + 256 reordered and 256 composed
+# Training examples: 2,144 clips, 260 segments, 64 videos + ~600 runs of segments + 256 reordered and 512 composed
 # summaries (recursive only). With the pretrained encoder 12 clip epochs reach the clip targets and the segment
 # activity needs 30. The video level trains 15 epochs at twice the others' learning rate (over six runs 2e-3 took the
 # place from 93.1 to 97.2% and the sequence from 31.9 to 47.9% of test videos), in batches of summaries of like length

@@ -20,7 +20,7 @@ from synth.writer import (
 
 GENERATOR_VERSION = "2"  # 2: ground-truth tables carry facts
 # Preset fields that add side tables and leave the videos and the level tables as they were: a corpus written
-# before one existed is the same corpus, completed in place.
+# before one existed, or with another value, is the same corpus, its side tables written again in place.
 SIDE_TABLE_FIELDS = ("reordered_summaries", "composed_summaries")
 
 
@@ -66,7 +66,8 @@ def generate(preset: str | Preset, out: Path, seed: int = 0,
         if not (out / "groundtruth" / QUERIES_FILE).is_file():
             write_queries(out, sessions, seed)
         written = json.loads((out / "manifest.json").read_text())["preset"]
-        if not (out / "groundtruth" / REORDERED_FILE).is_file() or set(SIDE_TABLE_FIELDS) - set(written):
+        if not (out / "groundtruth" / REORDERED_FILE).is_file() or any(
+                written.get(k) != manifest.preset.get(k) for k in SIDE_TABLE_FIELDS):
             write_reordered(out, sessions, composed)
             write_json(out / "manifest.json", asdict(done))  # with today's preset fields
         return done
@@ -108,8 +109,8 @@ def _existing_manifest(out: Path, ours: Manifest) -> Manifest | None:
     if not path.is_file():
         raise CorpusMismatch(f"{out} is not empty and holds no synthetic corpus; choose an empty directory")
     found = json.loads(path.read_text())
-    if isinstance(found.get("preset"), dict):  # written before a side table's field existed: the same videos
-        found["preset"] = {**{k: ours.preset[k] for k in SIDE_TABLE_FIELDS if k in ours.preset}, **found["preset"]}
+    if isinstance(found.get("preset"), dict):  # side tables aside (or not yet there), the same videos
+        found["preset"] = {**found["preset"], **{k: ours.preset[k] for k in SIDE_TABLE_FIELDS if k in ours.preset}}
     if [found.get(k) for k in ("generator_version", "preset", "seed")] != [
             ours.generator_version, ours.preset, ours.seed]:
         raise CorpusMismatch(

@@ -54,10 +54,10 @@ PRESETS: dict[str, Preset] = {
                    segment_s=24, tail_s=2.0),
     # The demo: enough segments per split to train the segment and video levels on 2 CPU cores in
     # minutes; 64 training videos give 64 summaries, so their runs of segments are summarised too
-    # (about 600 more), their segments told in 4 other orders (256 more), and 256 videos composed of
+    # (about 600 more), their segments told in 4 other orders (256 more), and 512 videos composed of
     # segments of several of them; 24 test videos, so that a video-level figure moves in steps of 4%.
     "demo": Preset("demo", 64, 8, 24, activities_per_video=(3, 5), objects_per_activity=(2, 3),
-                   segment_s=32, tail_s=2.0, span_summaries=True, reordered_summaries=4, composed_summaries=256),
+                   segment_s=32, tail_s=2.0, span_summaries=True, reordered_summaries=4, composed_summaries=512),
     # Scale: one hour with the official 180-s segments.
     "hour": Preset("hour", 0, 0, 1, activities_per_video=(20, 20), objects_per_activity=(2, 3),
                    segment_s=180, tail_s=0.0),

@@ -329,14 +329,16 @@ def test_the_reordered_table_names_the_parts_in_the_order_told(tmp_path):
     assert [r["text"] for r in rows[reordered:]] == [c.summary for c in plan_composed(preset, 0, plan)]
 
 
-def test_a_corpus_written_before_composed_summaries_gets_them_in_place(tmp_path):
-    """The demo's upgrade path: the same videos and level tables; the reordered table rewritten with them."""
+@pytest.mark.parametrize("before", [None, 1])
+def test_a_corpus_written_before_composed_summaries_or_with_another_count_gets_them_in_place(tmp_path, before):
+    """The demo's upgrade path: the same videos and level tables; the reordered table written again with them."""
     preset = dataclasses.replace(TINY, reordered_summaries=2, composed_summaries=3)
-    generate(dataclasses.replace(preset, composed_summaries=0), tmp_path / "old", seed=0)
+    generate(dataclasses.replace(preset, composed_summaries=before or 0), tmp_path / "old", seed=0)
     generate(preset, tmp_path / "new", seed=0)
-    manifest = json.loads((tmp_path / "old" / "manifest.json").read_text())
-    del manifest["preset"]["composed_summaries"]  # as written before the field existed
-    (tmp_path / "old" / "manifest.json").write_text(json.dumps(manifest))
+    if before is None:  # as written before the field existed
+        manifest = json.loads((tmp_path / "old" / "manifest.json").read_text())
+        del manifest["preset"]["composed_summaries"]
+        (tmp_path / "old" / "manifest.json").write_text(json.dumps(manifest))
     videos = {p: p.stat().st_mtime_ns for p in (tmp_path / "old" / "videos").iterdir()}
     assert generate(preset, tmp_path / "old", seed=0).complete
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "old" / "videos").iterdir()} == videos

@@ -267,20 +267,21 @@ def test_batches_grouped_by_length_hold_examples_of_like_length():
 
 
 def test_group_by_length_reaches_the_trainer_and_names_a_run_of_its_own(store, monkeypatch):
-    """On, the trainer batches by its targets' lengths; off, a run keeps the name it had before the setting existed."""
+    """On, the trainer batches by its targets' lengths; off, a run keeps the name it had before the setting existed
+    (the setting is not among the fingerprinted train settings)."""
+    import pipeline.train
     import stages.train
 
-    given = []
-    batches = stages.train.epoch_batches
+    given, named = [], []
+    batches, fingerprint = stages.train.epoch_batches, pipeline.train.fingerprint
     monkeypatch.setattr(stages.train, "epoch_batches", lambda *a: given.append(a[5]) or batches(*a))
+    monkeypatch.setattr(pipeline.train, "fingerprint", lambda *a, **k: named.append(a[1]) or fingerprint(*a, **k))
     plain, _ = run(store, epochs=1)
-    assert set(given) == {None}
+    assert set(given) == {None} and "group_by_length" not in named[-1]
     grouped, _ = run(store, epochs=1, group_by_length=True)
-    assert grouped.trained and grouped.run != plain.run
+    assert grouped.trained and grouped.run != plain.run and named[-1]["group_by_length"] is True
     targets = read_groundtruth(store, "clip", "train")["text"].to_pylist()
     assert given[-1] == {"clip": [len(t) for t in targets]}
-    off, _ = run(store, epochs=1, group_by_length=False)
-    assert not off.trained and off.run == plain.run
 
 
 @pytest.mark.parametrize("level", ["clip", "segment", "video"])
