@@ -11,7 +11,7 @@ semantic scores and, for each summary, whether it copies the activity sequence i
     python bench/retrain_level.py recap-store/demo --only-copy     # the published summaries (current/), untouched
     python bench/retrain_level.py recap-store/demo --level segment --epochs 30 --set '{"video_feature_norm": true}'
     python bench/retrain_level.py recap-store/demo --epochs 15 --train-seed 1   # the spread of one configuration
-    python bench/retrain_level.py recap-store/demo --epochs 15 --no-reordered   # without the reordered summaries
+    python bench/retrain_level.py recap-store/demo --epochs 15 --no-reordered   # without the reordered and composed summaries
     python bench/retrain_level.py recap-store/demo --epochs 15 --train '{"lr": 0.002}'   # another training recipe
     python bench/retrain_level.py recap-store/demo --level segment --epochs 30 --non-recursive --train-seed 1 --init CLIP_CKPT
 
@@ -102,8 +102,8 @@ def main() -> None:
     parser.add_argument("--non-recursive", action="store_true")
     parser.add_argument("--train-seed", type=int, help="the training run's seed (default: the store's); runs "
                         "that differ only in it give the spread of one configuration")
-    parser.add_argument("--no-reordered", action="store_true", help="leave the store's reordered summaries out "
-                        "(groundtruth/reordered.parquet): the video level as trained before they existed")
+    parser.add_argument("--no-reordered", action="store_true", help="leave the store's reordered and composed "
+                        "summaries out (groundtruth/reordered.parquet): the video level as trained before they existed")
     parser.add_argument("--init", help="init checkpoint (default: the store's latest checkpoint of the level below)")
     parser.add_argument("--method", choices=("greedy", "beam"), help="decoding of the level (default: the store's "
                         "settings; a trained variant is not trained again: its run is found by its fingerprint)")

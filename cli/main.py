@@ -400,7 +400,7 @@ def train(store: StoreOpt = None, config: ConfigOpt = None,
                                                  "baseline, video features only) "
                                                  + _setting("train.recursive", "--recursive"))] = None,
           reordered: Annotated[Optional[bool], typer.Option(
-              "--reordered/--no-reordered", help="Recursive video level: also the store's reordered summaries, "
+              "--reordered/--no-reordered", help="Recursive video level: also the store's reordered and composed summaries, "
                                                  "if it has any " + _setting("train.reordered", "--reordered"))] = None,
           freeze: Annotated[Optional[str], typer.Option(help="official | none (train everything) "
                                                         + _setting("train.freeze"))] = None,

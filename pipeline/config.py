@@ -55,8 +55,8 @@ class TrainConfig:
     freeze: str = "official"     # official (cross-attention, layer norms, queries train) | none
     lower: str = "predicted"     # segment / video text input: predicted lower-level captions | groundtruth
     recursive: bool = True       # False: no lower-level text at all (the paper's non-recursive baseline)
-    reordered: bool = True       # recursive video level: also the store's reordered summaries, if it has any
-                                 # (groundtruth/reordered.parquet: segments told in other orders)
+    reordered: bool = True       # recursive video level: also the store's reordered and composed summaries, if any
+                                 # (groundtruth/reordered.parquet: training segments told in orders no video has)
     group_by_length: bool = False  # batches of targets of like length (less padding; stages.train.epoch_batches)
     tokenizer: str = ""          # local GPT-2 tokenizer folder; empty = BPE trained on the corpus captions
     vocab_size: int = 1000       # for the corpus BPE tokenizer

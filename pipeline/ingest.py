@@ -88,8 +88,8 @@ def ingest(store: Store, sources: list[str], threads: int = 4, stream=None) -> S
 def ingest_hcap(store: Store, metadata_dir: str, videos_root: str, threads: int = 4,
                 stream=None) -> Summary:
     """Ego4D-HCap: ground truth from the metadata files (and a synthetic corpus's retrieval queries and reordered
-    summaries), and ROOT/{vid}.mp4 registered. The ground truth is keyed by the registry's ids (an id unsafe as a
-    file name is cleaned the same way in both)."""
+    and composed summaries), and ROOT/{vid}.mp4 registered. The ground truth is keyed by the registry's ids (an id
+    unsafe as a file name is cleaned the same way in both)."""
     stream = sys.stderr if stream is None else stream
     tables = read_hcap(metadata_dir)
     root = videos_root.rstrip("/")
@@ -106,7 +106,7 @@ def ingest_hcap(store: Store, metadata_dir: str, videos_root: str, threads: int 
     reordered = read_hcap_reordered(metadata_dir)
     if reordered is not None:  # even none: a corpus without them replaces those of its videos from an earlier one
         write_reordered(store, _keyed_parts(_keyed(reordered, ids), ids), videos=sorted(set(ids.values())))
-        print(f"[{STAGE}] reordered summaries: {reordered.num_rows} rows", file=stream)
+        print(f"[{STAGE}] reordered and composed summaries: {reordered.num_rows} rows", file=stream)
     return ingest(store, sorted(set(uris.values())), threads, stream)
 
 

@@ -141,8 +141,8 @@ def _reordered_targets(store: Store, lower: dict, prefix: str, stream) -> list[I
              for r in table.to_pylist()]
     tellable = [i for i in items if told_texts(lower, i.parts) is not None]
     skipped = len(items) - len(tellable)
-    composed = sum(len({v for v, _, _ in i.parts}) > 1 for i in tellable)
-    print(f"{prefix} {len(tellable) - composed} reordered and {composed} composed summaries ({REORDERED_REL})"
+    across = sum(len({v for v, _, _ in i.parts}) > 1 for i in tellable)
+    print(f"{prefix} {len(tellable)} reordered and composed summaries, {across} of them across videos ({REORDERED_REL})"
           + (f"; {skipped} left out: their parts are not the lower-level captions' windows" if skipped else ""),
           file=stream)
     return tellable
@@ -194,7 +194,8 @@ def _caption_version(store: Store, lower: str, versions: Sequence[str]) -> str:
 
 def _feature_fingerprints(store: Store, features: FeaturesStage, targets: dict, needs_tokens: bool) -> dict[str, str]:
     """Fingerprints of the features of every video used; fails naming the videos not extracted."""
-    videos = sorted({i.video_id for split in targets.values() for items in split.values() for i in items})
+    videos = sorted({v for split in targets.values() for items in split.values() for i in items
+                     for v in (i.video_id, *(part[0] for part in i.parts))})
     missing = sorted(set(videos) - features.complete_videos(store))
     if missing:
         raise FileNotFoundError(f"features {features.version()} are missing for {len(missing)} of {len(videos)} "

@@ -163,7 +163,8 @@ def epoch_batches(sizes: dict[str, int], batch_size: int, seed: int, epoch: int,
         order = rng.permutation(n)
         if lengths:
             run = LENGTH_GROUP_BATCHES * batch_size
-            order = np.concatenate([sorted(order[i:i + run], key=lambda j: lengths[level][j]) for i in range(0, n, run)])
+            order = np.concatenate([sorted(order[i:i + run], key=lambda j: lengths[level][j])
+                                    for i in range(0, n, run)])
         chunks = [order[i:i + batch_size].tolist() for i in range(0, n, batch_size)]
         if lengths:
             chunks = [chunks[i] for i in rng.permutation(len(chunks))]

@@ -5,7 +5,7 @@ Layout (relative to the root):
     videos.parquet                        registry of ingested videos
     groundtruth/<level>.parquet           reference captions
     groundtruth/queries.parquet           retrieval queries, same schema (recap evaluate --task retrieval)
-    groundtruth/reordered.parquet         training summaries of segments told in orders no video has, + parts (recap train)
+    groundtruth/reordered.parquet         training segments told in orders no video has, + parts (recap train)
     features/<feature_set>/<video_id>/    Zarr v3 arrays (see store.features)
     captions/<level>/<version>/<video_id>.parquet   every row names its version
     captions/enhanced/<version>/<video_id>.parquet  K captions per unit under one prompt (recap enhance)

@@ -25,8 +25,9 @@ GROUNDTRUTH_SCHEMA = pa.schema([
     ("facts", pa.string()),  # JSON of what the caption states, where the corpus knows it (synth.facts); else null
 ])
 
-# Video-level training targets that tell a video's segments in another order: the ground-truth schema plus
-# `parts`, JSON of the [start, end] of each segment in the order the summary tells them (synth.world.ReorderedSummary).
+# Video-level training targets that tell training segments in orders no video has (synth.world.ReorderedSummary,
+# ComposedSummary): the ground-truth schema plus `parts`, JSON of the [video, start, end] of each segment in the order
+# the summary tells them (tables written before composed summaries hold [start, end]: the row's own video).
 REORDERED_SCHEMA = GROUNDTRUTH_SCHEMA.append(pa.field("parts", pa.string()))
 
 CAPTION_SCHEMA = pa.schema([

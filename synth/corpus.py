@@ -56,7 +56,7 @@ def generate(preset: str | Preset, out: Path, seed: int = 0,
     the usable CPUs). Same arguments, same bytes, whatever the number of workers.
     Re-running into a complete copy of the same corpus does nothing but add the
     side tables (retrieval queries, reordered and composed summaries) to a
-    copy written before corpora had them."""
+    copy written before corpora had them, or again where their count differs."""
     preset, out = resolve(preset), Path(out)
     sessions = plan_corpus(preset, seed)
     composed = plan_composed(preset, seed, sessions)

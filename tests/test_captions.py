@@ -217,7 +217,8 @@ def test_a_told_summary_s_example_reads_its_parts_in_the_order_told(featured_sto
     reader = ExampleReader(features, "video", 64)  # more rows than the parts have: all of them, in the order told
     a, b = [v["video_id"] for v in read_videos(store)][:2]
     # predicted descriptions: the last window runs into the tail, past its segment's end
-    lower = {a: [(0.0, 24.0, "C sorted the red cubes."), (24.0, 48.0, "C washed the ball."), (48.0, 53.0, "C stacked.")],
+    lower = {a: [(0.0, 24.0, "C sorted the red cubes."), (24.0, 48.0, "C washed the ball."),
+                 (48.0, 53.0, "C stacked.")],
              b: [(0.0, 24.0, "C painted the cone red."), (24.0, 48.0, "C arranged the ring.")]}
     parts = ((a, 48.0, 52.0), (b, 24.0, 48.0), (a, 0.0, 24.0))
     told = reader.told(parts, lower, "target")

@@ -264,6 +264,8 @@ def test_batches_grouped_by_length_hold_examples_of_like_length():
         assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
     padded = lambda batches: sum(len(b) * span(b)[1] for _, b in batches)
     assert padded(grouped) < 0.8 * padded(plain)
+    first_run = [span(b)[0] for _, b in grouped][:LENGTH_GROUP_BATCHES]
+    assert first_run != sorted(first_run)  # the batches shuffled, not shortest first
 
 
 def test_group_by_length_reaches_the_trainer_and_names_a_run_of_its_own(store, monkeypatch):
@@ -426,17 +428,18 @@ def test_reordered_and_composed_summaries_are_targets_of_the_recursive_video_lev
             for video in videos]
     untellable = {**rows[0], "parts": json.dumps([[0.0, 1.0]])}  # the descriptions are not this part's
     first, second = ([s for s in segments if s["video_id"] == v["video_id"]][0] for v in videos[:2])
-    composed = {**rows[0], "text": "In the kitchen, C stacked the cone.",
+    composed = {**rows[0], "video_id": second["video_id"], "text": "In the kitchen, C stacked the cone.",
                 "parts": json.dumps([[g["video_id"], g["start_s"], g["end_s"]] for g in (second, first)])}
     write_reordered(store, pa.Table.from_pylist(rows + [untellable, composed], schema=REORDERED_SCHEMA))
     read = []
     for name in ("span", "told"):
         method = getattr(ExampleReader, name)
-        monkeypatch.setattr(ExampleReader, name, lambda self, *a, _m=method, **k: read.append(_m(self, *a, **k)) or read[-1])
+        monkeypatch.setattr(ExampleReader, name,
+                            lambda self, *a, _m=method, **k: read.append(_m(self, *a, **k)) or read[-1])
 
     told, log = run(store, level="video", lower="groundtruth", epochs=1)
     assert told.trained and told.run != before.run
-    assert f"{len(rows)} reordered and 1 composed summaries" in log and "1 left out" in log
+    assert f"{len(rows) + 1} reordered and composed summaries, 1 of them across videos" in log and "1 left out" in log
     assert f"{len(videos) + len(rows) + 1} video training examples" in log
     reordered = [e for e in read if e.target == rows[0]["text"]]
     assert len(reordered) == len(rows) and all(e.text == told_text[e.video_id] for e in reordered)
