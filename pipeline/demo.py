@@ -92,7 +92,16 @@ def run_demo(store_root: str, data: Path, preset: str = "demo", seed: int = 0, p
                                    retry_failed=retry_failed, stream=stream))
         return stage
 
+    def stopped() -> bool:
+        """A stage left units failed: what comes next reads every unit's output, so the demo stops there."""
+        if summaries[-1].failed:
+            step(f"stopped: {summaries[-1].failed} unit(s) of {summaries[-1].stage} failed; `recap demo "
+                 f"--retry-failed` tries them again")
+        return summaries[-1].failed > 0
+
     features = stage_run(features_stage(config))
+    if stopped():
+        return summaries
     chain = {"features": features}
     lower_stage = features
     for level in LEVELS:
@@ -105,6 +114,8 @@ def run_demo(store_root: str, data: Path, preset: str = "demo", seed: int = 0, p
         step(f"caption {level}")
         lower_stage = stage_run(caption_stage(config, level, store.abs(trained.checkpoint), lower_stage, features))
         chain[level] = lower_stage
+        if stopped():
+            return summaries
 
     baselines, init = {}, chain["clip-checkpoint"]
     for level in ("segment", "video"):  # the same curriculum, without the lower level's text
@@ -115,6 +126,8 @@ def run_demo(store_root: str, data: Path, preset: str = "demo", seed: int = 0, p
         init = trained.checkpoint
         baselines[level] = stage_run(caption_stage(config, level, store.abs(trained.checkpoint),
                                                    chain[LEVEL[level].lower], features))
+        if stopped():
+            return summaries
 
     for level in LEVELS:  # the baselines trained last: caption commands default to the recursive models again
         record_latest(store, level, chain[f"{level}-checkpoint"])
@@ -122,6 +135,8 @@ def run_demo(store_root: str, data: Path, preset: str = "demo", seed: int = 0, p
     if pretrain_encoder:
         step("index the captions for `recap search`")
         stage_run(index_stage(config, store))
+        if stopped():
+            return summaries
     step("evaluate on the test split")
     table = evaluation_table(store, {lvl: chain[lvl] for lvl in LEVELS}, baselines)
     print(format_table(table), file=sys.stdout)
