@@ -9,6 +9,7 @@ semantic scores and, for each summary, whether it copies the activity sequence i
     python bench/retrain_level.py recap-store/demo --epochs 15 --set '{"video_feature_whiten": false}' --method greedy
     python bench/retrain_level.py recap-store/demo --epochs 10 --non-recursive --init recap-store/demo/checkpoints/segment/<run>/epoch-0030
     python bench/retrain_level.py recap-store/demo --only-copy     # the published summaries (current/), untouched
+    python bench/retrain_level.py recap-store/demo --only-copy --split train   # the training videos' summaries
     python bench/retrain_level.py recap-store/demo --level segment --epochs 30 --set '{"video_feature_norm": true}'
     python bench/retrain_level.py recap-store/demo --epochs 15 --train-seed 1   # the spread of one configuration
     python bench/retrain_level.py recap-store/demo --epochs 15 --no-reordered   # without the reordered and composed summaries
@@ -64,12 +65,16 @@ def retrain(store: Store, config, level: str, epochs: int, changes: dict, recurs
     return stage
 
 
-def copy_fidelity(store: Store, segment_version: str, video_version: str) -> tuple[Counter, dict[int, str]]:
-    """Per test video: is the sequence in its input descriptions right and does the summary copy it; and per place k
-    of the true sequence, how many summaries name the right activity there (an unparsed summary names none)."""
+def copy_fidelity(store: Store, segment_version: str, video_version: str,
+                  split: str = "test") -> tuple[Counter, dict[int, str]]:
+    """Per video of the split: is the sequence in its input descriptions right and does the summary copy it; and per
+    place k of the true sequence, how many summaries name the right activity there (an unparsed summary names none).
+    Whole videos only (the train split's ground truth also summarises runs of segments)."""
     descriptions = read_captions(store, "segment", segment_version).to_pandas()
     counts, right_at, videos_at = Counter(), Counter(), Counter()
-    for _, row in match_windows(store, "video", video_version, "test").iterrows():
+    rows = match_windows(store, "video", video_version, split)
+    whole = rows[rows["end_s"] == rows.groupby("video_id")["end_s"].transform("max")]
+    for _, row in whole[whole["start_s"] == 0.0].iterrows():
         true = json.loads(row["facts"])["activities"]
         inputs = descriptions[descriptions["video_id"] == row["video_id"]].sort_values("start_s")["text"]
         given = [(parse("segment", text) or {}).get("activity") for text in inputs]
@@ -82,6 +87,7 @@ def copy_fidelity(store: Store, segment_version: str, video_version: str) -> tup
             continue
         sequence = got["activities"]
         right_at.update(k + 1 for k, (a, b) in enumerate(zip(true, sequence)) if a == b)
+        counts["sequence right"] += sequence == true
         counts["copies its input"] += sequence == given
         counts["right where the input is right"] += sequence == given == true
         counts["shorter than its input"] += len(sequence) < len(given)
@@ -110,6 +116,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="caption with this checkpoint of the level: train nothing")
     parser.add_argument("--only-copy", action="store_true", help="score the published summaries, train nothing")
     parser.add_argument("--version", help="with --only-copy: score this caption version instead")
+    parser.add_argument("--split", default="test", help="the split whose summaries the copy fidelity counts (train: "
+                        "does the model recall its training summaries?); the semantic scores are the test split's")
     args = parser.parse_args()
     store = Store(args.store)
     config = settle(args.store, record=False)
@@ -128,7 +136,7 @@ def main() -> None:
                                              for k, v in scores.items()))
     if args.level == "video":
         segment_version = build_stages(config, store)[2].version()  # the store's latest segment checkpoint's
-        counts, right_at = copy_fidelity(store, segment_version, version)
+        counts, right_at = copy_fidelity(store, segment_version, version, args.split)
         print("copy fidelity:", dict(counts))
         print("activity k right:", right_at)
 
