@@ -406,6 +406,24 @@ def test_the_demo_video_model_whitens_its_features_with_the_train_split_s_statis
     assert torch.allclose(model.video_feature_std, projected.std(0).clamp_min(floor).float(), rtol=1e-4)
 
 
+def test_a_composed_summary_needs_the_features_of_every_video_it_names(store):
+    """A part in a video that no target names, whose features are not extracted: a clear error naming it, before any
+    training (not a failed read inside a worker)."""
+    from store import REORDERED_SCHEMA, write_reordered
+
+    train = read_groundtruth(store, "segment", "train").to_pylist()[0]
+    test = read_groundtruth(store, "segment", "test").to_pylist()[0]
+    for folder in store.listdir("markers/features"):
+        for name in store.listdir(f"markers/features/{folder}"):
+            if name.startswith(test["video_id"]):
+                store.remove(f"markers/features/{folder}/{name}")
+    row = {**read_groundtruth(store, "video", "train").to_pylist()[0], "text": "In the garden, C washed the ball.",
+           "parts": json.dumps([[g["video_id"], g["start_s"], g["end_s"]] for g in (train, test)])}
+    write_reordered(store, pa.Table.from_pylist([row], schema=REORDERED_SCHEMA))
+    with pytest.raises(FileNotFoundError, match=f"features .* are missing for 1 of .*{test['video_id']}"):
+        run(store, level="video", lower="groundtruth", epochs=1)
+
+
 def test_reordered_and_composed_summaries_are_targets_of_the_recursive_video_level_only(store, monkeypatch):
     """Each reordered or composed summary is one more training example of the recursive video model, which reads its
     parts' descriptions in the order told (a composed one's from several videos); the non-recursive model, which has
