@@ -331,31 +331,41 @@ class Store:
     def _take(self, path: str, stale_s: float) -> bool:
         """Create `path` exclusively with this process as its owner; break it first if its owner is gone."""
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        owner = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "t": time.time()}).encode()
-        for _ in range(2):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                stale = self._stale_lock_content(path, stale_s)
-                if stale is None:
-                    return False
-                self._break_lock(path, stale)
-                continue
-            os.write(fd, owner)
-            os.close(fd)
-            return True
-        return False
+        owner = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "t": time.time(),
+                            "nonce": uuid.uuid4().hex}).encode()
+        # Written in full under a private name, then linked into place (exclusive, atomic, also on NFS):
+        # a lock is never seen empty, so an owner between create and write cannot look dead.
+        head, tail = os.path.split(path)
+        tmp = os.path.join(head, f".tmp-{tail}-{uuid.uuid4().hex[:12]}")
+        with open(tmp, "wb") as f:
+            f.write(owner)
+        try:
+            for _ in range(2):
+                try:
+                    os.link(tmp, path)
+                    return True
+                except FileExistsError:
+                    stale = self._stale_lock_content(path, stale_s)
+                    if stale is None:
+                        return False
+                    self._break_lock(path, stale)
+            return False
+        finally:
+            os.remove(tmp)
 
     def _stale_lock_content(self, path: str, stale_s: float) -> bytes | None:
         """The lock file's content if its owner is gone, else None."""
         try:
             with open(path, "rb") as f:
                 content = f.read()
-            info = json.loads(content or b"{}")
+            info = json.loads(content)
         except FileNotFoundError:
             return None
-        except json.JSONDecodeError:  # owner died between create and write
-            return content if time.time() - os.path.getmtime(path) > 5 else None
+        except json.JSONDecodeError:  # not a lock this code wrote whole: stale once nobody touched it for a while
+            try:
+                return content if time.time() - os.path.getmtime(path) > 5 else None
+            except FileNotFoundError:
+                return None
         if info.get("host") == socket.gethostname():
             try:
                 os.kill(int(info["pid"]), 0)

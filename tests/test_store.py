@@ -118,6 +118,23 @@ def test_stale_lock_of_killed_process_is_broken(store):
     assert not os.path.exists(path)
 
 
+def test_a_lock_seen_before_its_owner_wrote_it_is_not_broken(store):
+    # What a reader saw when the owner was preempted between creating the lock and writing its name
+    # (CI once had two processes commit one unit this way).
+    path = store.abs("locks/x.lock")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    open(path, "wb").close()
+    with pytest.raises(TimeoutError):
+        with store.lock("x", timeout_s=0.5):
+            pass
+    assert os.path.exists(path)
+    old = time.time() - 60
+    os.utime(path, (old, old))  # left empty for a minute: its owner died, so it is broken
+    with store.lock("x", timeout_s=5):
+        pass
+    assert os.listdir(os.path.dirname(path)) == []
+
+
 @pytest.mark.parametrize("bad", ["../../etc/passwd", "a/b", ".hidden", "", "x" * 300, "a..b", "con sole"])
 def test_unsafe_names_are_refused(store, bad):
     with pytest.raises(ValueError):
