@@ -12,6 +12,7 @@ semantic scores and, for each summary, whether it copies the activity sequence i
     python bench/retrain_level.py recap-store/demo --only-copy --split train   # the training videos' summaries
     python bench/retrain_level.py recap-store/demo --level segment --epochs 30 --set '{"video_feature_norm": true}'
     python bench/retrain_level.py recap-store/demo --epochs 15 --train-seed 1   # the spread of one configuration
+    python bench/retrain_level.py recap-store/demo --epochs 15 --lower recap-store/demo/checkpoints/segment/<run>/epoch-0030
     python bench/retrain_level.py recap-store/demo --epochs 15 --no-reordered   # without the reordered and composed summaries
     python bench/retrain_level.py recap-store/demo --epochs 15 --train '{"lr": 0.002}'   # another training recipe
     python bench/retrain_level.py recap-store/demo --level segment --epochs 30 --non-recursive --train-seed 1 --init CLIP_CKPT
@@ -30,10 +31,10 @@ from dataclasses import replace
 import models.recap
 import pipeline.train
 from pipeline.config import settle
-from pipeline.dag import build_stages, caption_stage
+from pipeline.dag import build_stages, caption_stage, level_checkpoint
 from pipeline.runner import run_stage
 from stages.evaluate import match_windows, semantic_scores
-from store import LEVELS, Store, current_versions, latest_checkpoint, read_captions
+from store import LEVELS, Store, current_versions, read_captions
 from synth.facts import parse
 
 
@@ -55,7 +56,7 @@ def retrain(store: Store, config, level: str, epochs: int, changes: dict, recurs
     lower = captions[LEVELS.index(LOWER[level])]
     if checkpoint is None:
         checkpoint = store.abs(pipeline.train.train(
-            config, store, level, init_from=init or latest_checkpoint(store, LOWER[level]),
+            config, store, level, init_from=init or level_checkpoint(config, store, LOWER[level]),
             lower_versions=[lower.version()] if recursive else []).checkpoint)
     decoding = config  # a decoding of this level's only: not `lower`'s
     if method:
@@ -110,7 +111,10 @@ def main() -> None:
                         "that differ only in it give the spread of one configuration")
     parser.add_argument("--no-reordered", action="store_true", help="leave the store's reordered and composed "
                         "summaries out (groundtruth/reordered.parquet): the video level as trained before they existed")
-    parser.add_argument("--init", help="init checkpoint (default: the store's latest checkpoint of the level below)")
+    parser.add_argument("--lower", help="checkpoint of the level below, whose captions the level reads and which it "
+                        "starts from (default: the store's latest, which is the last one trained: after a --level "
+                        "segment run, that run's)")
+    parser.add_argument("--init", help="init checkpoint (default: --lower's)")
     parser.add_argument("--method", choices=("greedy", "beam"), help="decoding of the level (default: the store's "
                         "settings; a trained variant is not trained again: its run is found by its fingerprint)")
     parser.add_argument("--checkpoint", help="caption with this checkpoint of the level: train nothing")
@@ -121,6 +125,8 @@ def main() -> None:
     args = parser.parse_args()
     store = Store(args.store)
     config = settle(args.store, record=False)
+    if args.lower:
+        config = replace(config, captions=replace(config.captions, **{f"{LOWER[args.level]}_checkpoint": args.lower}))
     if args.only_copy:
         version = args.version or (current_versions(store) or {}).get(args.level)
         if version is None:
@@ -135,7 +141,7 @@ def main() -> None:
     print(f"{version}: " + ", ".join(f"{k} {v:.2f}" if k == "sequence_edit" else f"{k} {v:.1f}"
                                              for k, v in scores.items()))
     if args.level == "video":
-        segment_version = build_stages(config, store)[2].version()  # the store's latest segment checkpoint's
+        segment_version = build_stages(config, store)[2].version()  # --lower's, else the latest segment checkpoint's
         counts, right_at = copy_fidelity(store, segment_version, version, args.split)
         print("copy fidelity:", dict(counts))
         print("activity k right:", right_at)
