@@ -36,15 +36,13 @@ LATER_FIELDS = {"text_sentence_rows": 0, "text_sentence_end_id": -1}  # and thei
 # Trained from scratch, the official layout underfits: each of these was measured on the demo
 # corpus (docs/caption-accuracy.md): cross-attention in every Q-Former layer, open decoder gates,
 # a LayerNorm on the text context, learned positions of the clip level's tokens (`models.training.level_config`),
-# no dropout, the clip captions' tokens in the decoder's context at the segment level (it copies their objects),
-# whitened features and each description's index (`text_sentence_rows`) at the video level.
+# no dropout, whitened features and each description's index (`text_sentence_rows`) at the video level.
 DEMO_WIDTHS = dict(qformer_hidden_size=128, qformer_num_layers=2, qformer_num_heads=4, qformer_intermediate_size=256,
                    qformer_cross_attention_freq=1, gate_init=1.0, dropout=0.0, text_context_norm=True,
                    qformer_vocab_size=30, qformer_max_positions=16,
                    n_positions=256, n_embd=128, n_layer=3, n_head=4, n_inner=512)
 DEMO_LEVELS = {"clip": dict(num_video_queries=16),
-               "segment": dict(num_video_feat=16, num_video_queries=8, num_text_queries=32,
-                               text_tokens_to_decoder=True),
+               "segment": dict(num_video_feat=16, num_video_queries=8, num_text_queries=32),
                "video": dict(num_video_feat=32, num_video_queries=16, num_text_queries=96, video_feature_norm=True,
                              video_feature_whiten=True, text_sentence_rows=16)}
 
