@@ -35,7 +35,6 @@ import io
 import json
 import os
 import posixpath
-import socket
 import time
 import uuid
 from contextlib import contextmanager
@@ -46,6 +45,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from store import locks
 from store.ids import check_name
 
 
@@ -54,7 +54,7 @@ def now_iso() -> str:
 
 
 class Store:
-    LOCK_STALE_S = 120.0  # a commit lock older than this is a dead process's
+    LOCK_STALE_S = 120.0  # another host's commit lock older than this is a dead process's (store.locks)
     CLAIM_STALE_S = 6 * 3600.0  # a claim from another host older than this is a dead run's
     TMP_STALE_S = 3600.0  # a temporary this old is a dead writer's: every write renames within seconds
 
@@ -302,95 +302,22 @@ class Store:
             return
         path = self.abs(f"locks/{check_name(name, 'lock name')}.lock")
         deadline = time.monotonic() + timeout_s
-        while not self._take(path, self.LOCK_STALE_S):
+        while not locks.take(path, self.LOCK_STALE_S):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{path}: lock held by another process for over {timeout_s:.0f} s")
             time.sleep(0.02)
         try:
             yield
         finally:
-            try:
-                os.remove(path)
-            except FileNotFoundError:
-                pass
+            locks.drop(path)
 
     def claim(self, stage: str, version: str, unit: str) -> bool:
         """Claim a unit for this process (local roots): False while another live process holds it. Claims
         of a dead process on this host are taken over; on another host, after CLAIM_STALE_S."""
         if not self.local:
             return True
-        return self._take(self.abs(self._unit_rel("claims", stage, version, unit)), self.CLAIM_STALE_S)
+        return locks.take(self.abs(self._unit_rel("claims", stage, version, unit)), self.CLAIM_STALE_S)
 
     def release(self, stage: str, version: str, unit: str) -> None:
         if self.local:
-            try:
-                os.remove(self.abs(self._unit_rel("claims", stage, version, unit)))
-            except FileNotFoundError:
-                pass
-
-    def _take(self, path: str, stale_s: float) -> bool:
-        """Create `path` exclusively with this process as its owner; break it first if its owner is gone."""
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        owner = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "t": time.time(),
-                            "nonce": uuid.uuid4().hex}).encode()
-        # Written in full under a private name, then linked into place (exclusive, atomic, also on NFS):
-        # a lock is never seen empty, so an owner between create and write cannot look dead.
-        head, tail = os.path.split(path)
-        tmp = os.path.join(head, f".tmp-{tail}-{uuid.uuid4().hex[:12]}")
-        with open(tmp, "wb") as f:
-            f.write(owner)
-        try:
-            for _ in range(2):
-                try:
-                    os.link(tmp, path)
-                    return True
-                except FileExistsError:
-                    stale = self._stale_lock_content(path, stale_s)
-                    if stale is None:
-                        return False
-                    self._break_lock(path, stale)
-            return False
-        finally:
-            os.remove(tmp)
-
-    def _stale_lock_content(self, path: str, stale_s: float) -> bytes | None:
-        """The lock file's content if its owner is gone, else None."""
-        try:
-            with open(path, "rb") as f:
-                content = f.read()
-            info = json.loads(content)
-        except FileNotFoundError:
-            return None
-        except json.JSONDecodeError:  # not a lock this code wrote whole: stale once nobody touched it for a while
-            try:
-                return content if time.time() - os.path.getmtime(path) > 5 else None
-            except FileNotFoundError:
-                return None
-        if info.get("host") == socket.gethostname():
-            try:
-                os.kill(int(info["pid"]), 0)
-                alive = True
-            except ProcessLookupError:
-                alive = False
-            except PermissionError:
-                alive = True
-            if not alive:
-                return content
-        return content if time.time() - float(info.get("t", 0)) > stale_s else None
-
-    @staticmethod
-    def _break_lock(path: str, stale: bytes) -> None:
-        # Rename away, then check we took the stale lock and not one a faster breaker just made.
-        grave = f"{path}.stale-{uuid.uuid4().hex[:8]}"
-        try:
-            os.rename(path, grave)
-        except FileNotFoundError:
-            return
-        with open(grave, "rb") as f:
-            taken = f.read()
-        if taken != stale:
-            try:
-                os.link(grave, path)
-            except FileExistsError:
-                pass
-        os.remove(grave)
+            locks.drop(self.abs(self._unit_rel("claims", stage, version, unit)))

@@ -1,6 +1,9 @@
+import errno
+import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -10,7 +13,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from store import CAPTION_SCHEMA, FeatureSet, Store, captions_rel, check_name, read_captions, video_id_for
+from store import (CAPTION_SCHEMA, FeatureSet, Store, captions_rel, check_name, locks, read_captions,
+                   video_id_for)
 
 from conftest import REPO
 
@@ -133,6 +137,74 @@ def test_a_lock_seen_before_its_owner_wrote_it_is_not_broken(store):
     with store.lock("x", timeout_s=5):
         pass
     assert os.listdir(os.path.dirname(path)) == []
+
+
+def _plant_lock(path, **owner):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"host": socket.gethostname(), "t": time.time(), **owner}, f)
+
+
+@pytest.fixture
+def live_pid():
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield proc.pid
+    proc.kill()
+    proc.wait()
+
+
+def test_a_live_owner_on_this_host_is_never_broken_however_long_it_holds(store, live_pid):
+    path = store.abs("locks/x.lock")
+    _plant_lock(path, pid=live_pid, start=locks._process_start(live_pid), t=time.time() - 10 * 3600)
+    with pytest.raises(TimeoutError):
+        with store.lock("x", timeout_s=0.3):
+            pass
+    assert json.load(open(path))["pid"] == live_pid
+
+
+def test_a_lock_of_a_reused_pid_is_a_dead_owner_s(store, live_pid):
+    path = store.abs("locks/x.lock")
+    _plant_lock(path, pid=live_pid, start="another-boot:1")  # the pid now runs another process
+    with store.lock("x", timeout_s=5):
+        assert json.load(open(path))["pid"] == os.getpid()
+    assert not os.path.exists(path)
+
+
+def test_release_leaves_a_claim_that_another_process_holds(store, live_pid):
+    path = store.abs("claims/s/v1/u.json")
+    _plant_lock(path, pid=live_pid, start=locks._process_start(live_pid))
+    assert not store.claim("s", "v1", "u")
+    store.release("s", "v1", "u")  # e.g. a driver whose claim was taken over while it ran
+    assert json.load(open(path))["pid"] == live_pid
+
+
+def test_a_breaker_does_not_replace_the_lock_that_took_the_stale_one_s_place(store):
+    path = store.abs("locks/x.lock")
+    _plant_lock(path, pid=_dead_pid())
+    judged = locks._stale_content(path, 120)  # one process judges it stale, and is preempted
+    assert judged is not None and locks.take(path, 120)  # another replaces it and holds the lock
+    mine = open(path, "rb").read()
+    tmp = path + ".mine"
+    open(tmp, "wb").write(b'{"host": "late breaker"}')
+    assert not locks._replace(path, judged, tmp)  # the first one resumes
+    assert open(path, "rb").read() == mine and not os.path.exists(path + ".break")
+
+
+def test_locks_on_a_filesystem_without_hard_links(store, monkeypatch):
+    def no_link(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted", dst)
+    monkeypatch.setattr(locks.os, "link", no_link)
+    with store.lock("x", timeout_s=5):
+        path = store.abs("locks/x.lock")
+        assert json.load(open(path))["pid"] == os.getpid()
+        assert not locks.take(path, 120)
+    assert os.listdir(os.path.dirname(path)) == []
+
+
+def _dead_pid():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
 
 
 @pytest.mark.parametrize("bad", ["../../etc/passwd", "a/b", ".hidden", "", "x" * 300, "a..b", "con sole"])
