@@ -81,14 +81,19 @@ def _claim(stage: Stage, store: Store, units: list[Unit]) -> tuple[list[Unit], l
     """Take the units no other live process holds: (ours, held elsewhere, committed since planning)."""
     ours, elsewhere, done = [], [], 0
     version = stage.version()
-    for unit in units:
-        if not store.claim(stage.name, version, unit.id):
-            elsewhere.append(unit)
-        elif store.is_done(stage.name, version, unit.id, unit.fingerprint):  # another run finished it meanwhile
+    try:
+        for unit in units:
+            if not store.claim(stage.name, version, unit.id):
+                elsewhere.append(unit)
+            elif store.is_done(stage.name, version, unit.id, unit.fingerprint):  # another run finished it meanwhile
+                store.release(stage.name, version, unit.id)
+                done += 1
+            else:
+                ours.append(unit)
+    except BaseException:
+        for unit in units:  # release gives back only what this store claimed
             store.release(stage.name, version, unit.id)
-            done += 1
-        else:
-            ours.append(unit)
+        raise
     return ours, elsewhere, done
 
 

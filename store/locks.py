@@ -1,14 +1,16 @@
 """Lock files on a local or NFS root: the store's commit locks and unit claims.
 
-A lock file names its owner: host, pid, the process's start (boot id and start tick, where /proc has them), the
-time it was taken and a nonce. It is written whole under a hidden name and hard-linked into place, so nobody ever
-reads it half-written. Its owner is gone when it is a process of this host that no longer runs (a reused pid has
-another start), or, for another host's lock (or where /proc is missing), when it is older than the caller's
-`stale_s`. A live owner on this host is never broken, however long it holds.
+A lock file names its owner: host, the process space it runs in (boot id and pid namespace, where /proc has them),
+pid, the process's start tick, and a nonce. It is written whole under a hidden name and hard-linked into place, so
+nobody ever reads it half-written. Its owner is gone when it ran in an earlier boot of this host, or in this
+process space and that process no longer runs (a reused pid has another start tick; a zombie counts as gone).
+Otherwise (another host, another container) it is gone when the file is older than the caller's `stale_s`; ages
+are differences of file times, so that one clock, the file server's, decides. A live owner in this process space
+is never broken, however long it holds.
 
 A gone owner's lock is replaced, not removed: under `<path>.break` (one breaker at a time), if the file still
 holds what was judged stale, our own lock is renamed over it. The path is never empty meanwhile, so no other
-process can slip in between.
+process can slip in between. A process removes only the lock it took (`drop` compares the bytes).
 """
 
 from __future__ import annotations
@@ -17,40 +19,47 @@ import errno
 import json
 import os
 import socket
-import time
 import uuid
 
 BREAK_STALE_S = 10.0  # a `.break` file this old is a dead breaker's: replacing a lock takes microseconds
-UNREADABLE_STALE_S = 5.0  # a lock file that does not parse (not written by this module) and was not touched since
+UNREADABLE_STALE_S = 5.0  # a lock file that does not parse (half-written without hard links, or not ours)
 NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}  # filesystems without hard links
 
 
-def take(path: str, stale_s: float) -> bool:
-    """Create the lock file `path` with this process as its owner; replace it first if its owner is gone."""
+def take(path: str, stale_s: float) -> bytes | None:
+    """Create the lock file `path` with this process as its owner, replacing it first if its owner is gone.
+    Returns what was written (hand it to `drop`), or None while another owner holds it."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     head, tail = os.path.split(path)
     tmp = os.path.join(head, f".tmp-{tail}-{uuid.uuid4().hex[:12]}")
+    owner = _owner()
     try:
         with open(tmp, "wb") as f:
-            f.write(_owner())
+            f.write(owner)
         if _link(tmp, path):
-            return True
-        stale = _stale_content(path, stale_s)
-        return stale is not None and _replace(path, stale, tmp)
+            return owner
+        now = os.stat(tmp).st_mtime  # the file server's clock
+        stale = _stale_content(path, stale_s, now)
+        return owner if stale is not None and _replace(path, stale, tmp, now) else None
     finally:
         _remove(tmp)
 
 
-def drop(path: str) -> None:
-    """Remove the lock file `path` if this process owns it (a lock judged stale and taken over is not ours)."""
-    info = _read(path)
-    if isinstance(info, dict) and info.get("host") == socket.gethostname() and info.get("pid") == os.getpid():
-        _remove(path)
+def drop(path: str, owner: bytes) -> None:
+    """Remove the lock file `path` if it still holds `owner` (a lock judged stale and taken over is not ours)."""
+    try:
+        with open(path, "rb") as f:
+            if f.read() != owner:
+                return
+    except FileNotFoundError:
+        return
+    _remove(path)
 
 
 def _owner() -> bytes:
-    return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid()),
-                       "t": time.time(), "nonce": uuid.uuid4().hex}).encode()
+    pid = os.getpid()
+    return json.dumps({"host": socket.gethostname(), "space": _space(), "pid": pid, "start": _start(pid),
+                       "nonce": uuid.uuid4().hex}).encode()
 
 
 def _link(tmp: str, path: str) -> bool:
@@ -73,33 +82,42 @@ def _link(tmp: str, path: str) -> bool:
     return True
 
 
-def _stale_content(path: str, stale_s: float) -> bytes | None:
-    """The lock file's content if its owner is gone, else None."""
+def _stale_content(path: str, stale_s: float, now: float) -> bytes | None:
+    """The lock file's content if its owner is gone, else None. `now`: a file time just written."""
     try:
         with open(path, "rb") as f:
             content = f.read()
+        age = now - os.stat(path).st_mtime
+    except FileNotFoundError:
+        return None
+    try:
         info = json.loads(content)
         if not isinstance(info, dict):
             raise ValueError
-    except FileNotFoundError:
-        return None
-    except ValueError:  # not a lock this module wrote whole
-        return content if _age(path) > UNREADABLE_STALE_S else None
+    except ValueError:
+        return content if age > UNREADABLE_STALE_S else None
     if info.get("host") == socket.gethostname():
-        if not _runs(info.get("pid"), info.get("start")):
-            return content
-        if info.get("start") is not None:
-            return None
-    return content if time.time() - float(info.get("t", 0)) > stale_s else None  # no way to tell a reused pid
+        here, there = _space(), info.get("space")
+        if here and there and here.split(":")[0] != there.split(":")[0]:
+            return content  # an earlier boot of this host: every process of it is gone
+        if there is None or there == here:  # (locks written before `space` existed: this process space)
+            if not _runs(info.get("pid"), info.get("start")):
+                return content
+            if info.get("start") is not None:
+                return None
+    return content if age > stale_s else None
 
 
-def _replace(path: str, stale: bytes, tmp: str) -> bool:
+def _replace(path: str, stale: bytes, tmp: str, now: float) -> bool:
     guard = f"{path}.break"
     try:
         fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
-        if _age(guard) > BREAK_STALE_S:
-            _remove(guard)
+        try:
+            if now - os.stat(guard).st_mtime > BREAK_STALE_S:
+                _remove(guard)
+        except FileNotFoundError:
+            pass
         return False  # another process is breaking it; the caller tries again or counts it as held
     os.close(fd)
     try:
@@ -123,34 +141,35 @@ def _runs(pid, start) -> bool:
         pass
     except (TypeError, ValueError):
         return False
-    return start is None or _process_start(int(pid)) in (start, None)
+    stat = _stat(int(pid))
+    if stat is None:
+        return True  # no /proc: the pid is all there is to go by
+    state, tick = stat
+    return state not in "ZX" and (start is None or tick == start)
 
 
-def _process_start(pid: int) -> str | None:
-    """Boot id and start tick of a process (Linux), so that a pid reused by another process is told apart."""
+def _space() -> str | None:
+    """Boot id and pid namespace: where a pid names one process (Linux)."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
+            return f"{f.read().strip()}:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return None
+
+
+def _start(pid: int) -> str | None:
+    stat = _stat(pid)
+    return stat[1] if stat else None
+
+
+def _stat(pid: int) -> tuple[str, str] | None:
+    """State and start tick of a process (fields 3 and 22 of /proc/<pid>/stat, after the command in brackets)."""
+    try:
         with open(f"/proc/{pid}/stat") as f:
-            tick = f.read().rsplit(")", 1)[1].split()[19]  # field 22, after the command name in brackets
-        return f"{boot}:{tick}"
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[0], fields[19]
     except (OSError, IndexError):
         return None
-
-
-def _read(path: str):
-    try:
-        with open(path, "rb") as f:
-            return json.loads(f.read())
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def _age(path: str) -> float:
-    try:
-        return time.time() - os.path.getmtime(path)
-    except FileNotFoundError:
-        return 0.0
 
 
 def _remove(path: str) -> None:

@@ -54,8 +54,8 @@ def now_iso() -> str:
 
 
 class Store:
-    LOCK_STALE_S = 120.0  # another host's commit lock older than this is a dead process's (store.locks)
-    CLAIM_STALE_S = 6 * 3600.0  # a claim from another host older than this is a dead run's
+    LOCK_STALE_S = 120.0  # another host's commit lock untouched this long is a dead process's (store.locks)
+    CLAIM_STALE_S = 6 * 3600.0  # a claim from another host untouched this long is a dead run's
     TMP_STALE_S = 3600.0  # a temporary this old is a dead writer's: every write renames within seconds
 
     def __init__(self, root: str | os.PathLike = "recap-store", create: bool = True):
@@ -69,6 +69,7 @@ class Store:
             raise FileNotFoundError(f"{self.root}: no store here (run `recap ingest` or `recap demo` first, "
                                     "or pass --store)")
         self.fs.makedirs(self.path, exist_ok=True)
+        self._claims: dict[str, bytes] = {}  # path -> what claim() wrote there
 
     def check_writable(self) -> None:
         """Raise the OSError a write would (a read-only or full disk, no permission) before any work starts."""
@@ -302,22 +303,28 @@ class Store:
             return
         path = self.abs(f"locks/{check_name(name, 'lock name')}.lock")
         deadline = time.monotonic() + timeout_s
-        while not locks.take(path, self.LOCK_STALE_S):
+        while (owner := locks.take(path, self.LOCK_STALE_S)) is None:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{path}: lock held by another process for over {timeout_s:.0f} s")
             time.sleep(0.02)
         try:
             yield
         finally:
-            locks.drop(path)
+            locks.drop(path, owner)
 
     def claim(self, stage: str, version: str, unit: str) -> bool:
         """Claim a unit for this process (local roots): False while another live process holds it. Claims
         of a dead process on this host are taken over; on another host, after CLAIM_STALE_S."""
         if not self.local:
             return True
-        return locks.take(self.abs(self._unit_rel("claims", stage, version, unit)), self.CLAIM_STALE_S)
+        path = self.abs(self._unit_rel("claims", stage, version, unit))
+        owner = locks.take(path, self.CLAIM_STALE_S)
+        if owner is not None:
+            self._claims[path] = owner
+        return owner is not None
 
     def release(self, stage: str, version: str, unit: str) -> None:
-        if self.local:
-            locks.drop(self.abs(self._unit_rel("claims", stage, version, unit)))
+        """Give back a claim this Store took; anything else at its path is left alone."""
+        path = self.abs(self._unit_rel("claims", stage, version, unit))
+        if path in self._claims:
+            locks.drop(path, self._claims.pop(path))

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from multiprocessing import get_context
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -139,10 +140,12 @@ def test_a_lock_seen_before_its_owner_wrote_it_is_not_broken(store):
     assert os.listdir(os.path.dirname(path)) == []
 
 
-def _plant_lock(path, **owner):
+def _plant_lock(path, age_s=0.0, **owner):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
-        json.dump({"host": socket.gethostname(), "t": time.time(), **owner}, f)
+        json.dump({"host": socket.gethostname(), **owner}, f)
+    then = time.time() - age_s
+    os.utime(path, (then, then))
 
 
 @pytest.fixture
@@ -155,39 +158,86 @@ def live_pid():
 
 def test_a_live_owner_on_this_host_is_never_broken_however_long_it_holds(store, live_pid):
     path = store.abs("locks/x.lock")
-    _plant_lock(path, pid=live_pid, start=locks._process_start(live_pid), t=time.time() - 10 * 3600)
+    _plant_lock(path, 10 * 3600, space=locks._space(), pid=live_pid, start=locks._start(live_pid))
     with pytest.raises(TimeoutError):
         with store.lock("x", timeout_s=0.3):
             pass
     assert json.load(open(path))["pid"] == live_pid
 
 
-def test_a_lock_of_a_reused_pid_is_a_dead_owner_s(store, live_pid):
+@pytest.mark.parametrize("gone", ["reused pid", "zombie", "earlier boot"])
+def test_a_lock_whose_owner_is_gone_is_taken_over(store, live_pid, gone):
     path = store.abs("locks/x.lock")
-    _plant_lock(path, pid=live_pid, start="another-boot:1")  # the pid now runs another process
+    owner = dict(space=locks._space(), pid=live_pid, start=locks._start(live_pid))
+    zombie = None
+    if gone == "reused pid":
+        owner["start"] = "-1"  # the pid now runs another process
+    elif gone == "zombie":
+        zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+        while locks._stat(zombie.pid)[0] != "Z":  # exited, not yet reaped
+            time.sleep(0.01)
+        owner.update(pid=zombie.pid, start=locks._start(zombie.pid))
+    else:
+        owner["space"] = "another-boot:" + owner["space"].split(":")[1]
+    _plant_lock(path, **owner)
     with store.lock("x", timeout_s=5):
         assert json.load(open(path))["pid"] == os.getpid()
     assert not os.path.exists(path)
+    if zombie:
+        zombie.wait()
+
+
+def test_a_lock_from_another_pid_namespace_is_held_until_stale(store):
+    # Containers that share the host's name but not its pids: a pid there says nothing here.
+    path = store.abs("locks/x.lock")
+    _plant_lock(path, space=locks._space().split(":")[0] + ":1", pid=_dead_pid(), start="1")
+    with pytest.raises(TimeoutError):
+        with store.lock("x", timeout_s=0.3):
+            pass
+    old = time.time() - store.LOCK_STALE_S - 1
+    os.utime(path, (old, old))
+    with store.lock("x", timeout_s=5):
+        pass
 
 
 def test_release_leaves_a_claim_that_another_process_holds(store, live_pid):
     path = store.abs("claims/s/v1/u.json")
-    _plant_lock(path, pid=live_pid, start=locks._process_start(live_pid))
+    _plant_lock(path, space=locks._space(), pid=live_pid, start=locks._start(live_pid))
     assert not store.claim("s", "v1", "u")
-    store.release("s", "v1", "u")  # e.g. a driver whose claim was taken over while it ran
+    store.release("s", "v1", "u")
     assert json.load(open(path))["pid"] == live_pid
+    os.remove(path)
+    assert store.claim("s", "v1", "u")
+    _plant_lock(path, space=locks._space(), pid=live_pid, start=locks._start(live_pid))  # taken over meanwhile
+    store.release("s", "v1", "u")
+    assert json.load(open(path))["pid"] == live_pid
+    os.remove(path)
+    assert store.claim("s", "v1", "u")
+    store.release("s", "v1", "u")
+    assert not os.path.exists(path)
 
 
 def test_a_breaker_does_not_replace_the_lock_that_took_the_stale_one_s_place(store):
     path = store.abs("locks/x.lock")
     _plant_lock(path, pid=_dead_pid())
-    judged = locks._stale_content(path, 120)  # one process judges it stale, and is preempted
+    now = time.time()
+    judged = locks._stale_content(path, 120, now)  # one process judges it stale, and is preempted
     assert judged is not None and locks.take(path, 120)  # another replaces it and holds the lock
     mine = open(path, "rb").read()
-    tmp = path + ".mine"
+    tmp = path + ".late"
     open(tmp, "wb").write(b'{"host": "late breaker"}')
-    assert not locks._replace(path, judged, tmp)  # the first one resumes
+    assert not locks._replace(path, judged, tmp, now)  # the first one resumes
     assert open(path, "rb").read() == mine and not os.path.exists(path + ".break")
+    os.remove(tmp)
+
+
+def test_a_dead_breaker_s_guard_does_not_block_for_long(store):
+    path = store.abs("locks/x.lock")
+    _plant_lock(path, pid=_dead_pid())
+    _plant_lock(path + ".break", 60)
+    with store.lock("x", timeout_s=5):
+        assert json.load(open(path))["pid"] == os.getpid()
+    assert os.listdir(os.path.dirname(path)) == []
 
 
 def test_locks_on_a_filesystem_without_hard_links(store, monkeypatch):
@@ -197,8 +247,26 @@ def test_locks_on_a_filesystem_without_hard_links(store, monkeypatch):
     with store.lock("x", timeout_s=5):
         path = store.abs("locks/x.lock")
         assert json.load(open(path))["pid"] == os.getpid()
-        assert not locks.take(path, 120)
+        assert locks.take(path, 120) is None
     assert os.listdir(os.path.dirname(path)) == []
+
+
+def test_claims_taken_before_a_failure_are_given_back(store, monkeypatch):
+    from pipeline.runner import _claim
+    stage = SimpleNamespace(name="s", version=lambda: "v1")
+    units = [SimpleNamespace(id=f"u{i}", fingerprint="fp") for i in range(3)]
+    calls = []
+
+    def is_done(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise OSError("markers/s/v1/u1.json: unreadable")
+        return False
+    monkeypatch.setattr(store, "is_done", is_done)
+    with pytest.raises(OSError):
+        _claim(stage, store, units)
+    assert store.listdir("claims/s/v1") == []
+    assert _claim(stage, store, units[2:])[0] == units[2:]
 
 
 def _dead_pid():
