@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import re
 import sys
+import threading
 import time
 import traceback
 from collections import Counter, deque
+from contextlib import contextmanager
 
 from pipeline.progress import Progress, Summary
 from stages.base import Blocked, SetupFailed, Stage, Unit
@@ -60,8 +62,9 @@ def run_stage(stage: Stage, store: Store, *, executor: str = "ray", workers: int
               f"(e.g. {elsewhere[0].id})", file=stream)
     try:
         if todo:
-            _run_claimed(stage, store, todo, summary, executor, workers, address, max_retries, progress_every_s,
-                         stream)
+            with _claims_kept_alive(store):
+                _run_claimed(stage, store, todo, summary, executor, workers, address, max_retries, progress_every_s,
+                             stream)
     finally:
         for unit in todo:
             store.release(stage.name, stage.version(), unit.id)
@@ -95,6 +98,28 @@ def _claim(stage: Stage, store: Store, units: list[Unit]) -> tuple[list[Unit], l
             store.release(stage.name, version, unit.id)
         raise
     return ours, elsewhere, done
+
+
+@contextmanager
+def _claims_kept_alive(store: Store):
+    """Touch this run's claims every CLAIM_HEARTBEAT_S in a thread: another host takes them over only once they
+    stop (a run that died), not after a fixed time however long the run."""
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(store.CLAIM_HEARTBEAT_S):
+            try:
+                store.touch_claims()
+            except OSError:  # a full or flaky disk: the next beat tries again
+                pass
+
+    thread = threading.Thread(target=beat, name="claims-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _run_claimed(stage: Stage, store: Store, todo: list[Unit], summary: Summary, executor: str, workers: int,

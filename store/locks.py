@@ -56,6 +56,16 @@ def drop(path: str, owner: bytes) -> None:
     _remove(path)
 
 
+def touch(path: str, owner: bytes) -> None:
+    """Refresh the file time of a lock that still holds `owner`: a heartbeat other hosts can see."""
+    try:
+        with open(path, "rb") as f:
+            if f.read() == owner:
+                os.utime(path)
+    except FileNotFoundError:
+        pass
+
+
 def _owner() -> bytes:
     pid = os.getpid()
     return json.dumps({"host": socket.gethostname(), "space": _space(), "pid": pid, "start": _start(pid),

@@ -55,7 +55,8 @@ def now_iso() -> str:
 
 class Store:
     LOCK_STALE_S = 120.0  # another host's commit lock untouched this long is a dead process's (store.locks)
-    CLAIM_STALE_S = 6 * 3600.0  # a claim from another host untouched this long is a dead run's
+    CLAIM_STALE_S = 600.0  # a claim from another host untouched this long is a dead run's
+    CLAIM_HEARTBEAT_S = 60.0  # how often a running driver touches its claims (pipeline.runner)
     TMP_STALE_S = 3600.0  # a temporary this old is a dead writer's: every write renames within seconds
 
     def __init__(self, root: str | os.PathLike = "recap-store", create: bool = True):
@@ -314,7 +315,7 @@ class Store:
 
     def claim(self, stage: str, version: str, unit: str) -> bool:
         """Claim a unit for this process (local roots): False while another live process holds it. Claims
-        of a dead process on this host are taken over; on another host, after CLAIM_STALE_S."""
+        of a dead process on this host are taken over; another host's, once untouched for CLAIM_STALE_S."""
         if not self.local:
             return True
         path = self.abs(self._unit_rel("claims", stage, version, unit))
@@ -322,6 +323,11 @@ class Store:
         if owner is not None:
             self._claims[path] = owner
         return owner is not None
+
+    def touch_claims(self) -> None:
+        """Refresh every claim this Store holds, so that other hosts see a live run."""
+        for path, owner in list(self._claims.items()):
+            locks.touch(path, owner)
 
     def release(self, stage: str, version: str, unit: str) -> None:
         """Give back a claim this Store took; anything else at its path is left alone."""

@@ -1,6 +1,7 @@
-"""A stage whose worker process dies on the first attempt at each unit (for the Ray retry test)."""
+"""Small stages for the runner's tests: a worker that dies (Ray retries), fails setup, writes files, checks its claim."""
 
 import os
+import time
 from pathlib import Path
 
 from stages.base import Resources, Stage, Unit
@@ -44,4 +45,19 @@ class WritesStage(DiesOnceStage):
     def process(self, unit, store):
         store.write_bytes(f"out/.tmp-{unit.id}", bytes(4096))
         store.commit(self.name, "v1", unit.id, "fp", {f"out/{unit.id}.bin": f"out/.tmp-{unit.id}"})
+        return {}
+
+
+class ChecksItsClaimStage(DiesOnceStage):
+    """Makes its claim look an hour old, waits, and writes down how old it is then (the heartbeat test)."""
+
+    name = "checks-its-claim"
+
+    def process(self, unit, store):
+        path = store.abs(f"claims/{self.name}/v1/{unit.id}.json")
+        hour_ago = time.time() - 3600
+        os.utime(path, (hour_ago, hour_ago))
+        time.sleep(0.5)
+        (self.scratch / f"{unit.id}.age").write_text(str(time.time() - os.path.getmtime(path)))
+        store.commit(self.name, "v1", unit.id, "fp", {})
         return {}

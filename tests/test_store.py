@@ -1,4 +1,5 @@
 import errno
+import io
 import json
 import os
 import random
@@ -208,7 +209,9 @@ def test_release_leaves_a_claim_that_another_process_holds(store, live_pid):
     assert json.load(open(path))["pid"] == live_pid
     os.remove(path)
     assert store.claim("s", "v1", "u")
-    _plant_lock(path, space=locks._space(), pid=live_pid, start=locks._start(live_pid))  # taken over meanwhile
+    _plant_lock(path, 3600, space=locks._space(), pid=live_pid, start=locks._start(live_pid))  # taken over meanwhile
+    store.touch_claims()
+    assert time.time() - os.path.getmtime(path) > 3000  # no heartbeat for another's claim
     store.release("s", "v1", "u")
     assert json.load(open(path))["pid"] == live_pid
     os.remove(path)
@@ -267,6 +270,17 @@ def test_claims_taken_before_a_failure_are_given_back(store, monkeypatch):
         _claim(stage, store, units)
     assert store.listdir("claims/s/v1") == []
     assert _claim(stage, store, units[2:])[0] == units[2:]
+
+
+def test_a_running_stage_keeps_its_claims_fresh(store, tmp_path, monkeypatch):
+    from _dying_stage import ChecksItsClaimStage
+    from pipeline.runner import run_stage
+    monkeypatch.setattr(Store, "CLAIM_HEARTBEAT_S", 0.05)
+    summary = run_stage(ChecksItsClaimStage(str(tmp_path), 2), store, executor="local", stream=io.StringIO())
+    assert summary.done == 2
+    ages = [float((tmp_path / f"u{i}.age").read_text()) for i in range(2)]
+    assert max(ages) < 60  # made an hour old, then touched again while its unit ran
+    assert store.listdir("claims/checks-its-claim/v1") == []
 
 
 def _dead_pid():
