@@ -1,11 +1,11 @@
 """Lock files on a local or NFS root: the store's commit locks and unit claims.
 
-A lock file names its owner: host, the process space it runs in (boot id and pid namespace, where /proc has them),
-pid, the process's start tick, and a nonce. It is written whole under a hidden name and hard-linked into place, so
+A lock file names its owner: host, the boot and the pid namespace it runs in (where /proc has them), pid, the
+process's start tick, and a nonce. It is written whole under a hidden name and hard-linked into place, so
 nobody ever reads it half-written. Its owner is gone when it ran in an earlier boot of this host, or in this
-process space and that process no longer runs (a reused pid has another start tick; a zombie counts as gone).
+pid namespace and that process no longer runs (a reused pid has another start tick; a zombie counts as gone).
 Otherwise (another host, another container) it is gone when the file is older than the caller's `stale_s`; ages
-are differences of file times, so that one clock, the file server's, decides. A live owner in this process space
+are differences of file times, so that one clock, the file server's, decides. A live owner in this pid namespace
 is never broken, however long it holds.
 
 A gone owner's lock is replaced, not removed: under `<path>.break` (one breaker at a time), if the file still
@@ -16,6 +16,7 @@ process can slip in between. A process removes only the lock it took (`drop` com
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import socket
@@ -36,7 +37,7 @@ def take(path: str, stale_s: float) -> bytes | None:
     try:
         with open(tmp, "wb") as f:
             f.write(owner)
-        if _link(tmp, path):
+        if _link(tmp, path, owner):
             return owner
         now = os.stat(tmp).st_mtime  # the file server's clock
         stale = _stale_content(path, stale_s, now)
@@ -47,32 +48,35 @@ def take(path: str, stale_s: float) -> bytes | None:
 
 def drop(path: str, owner: bytes) -> None:
     """Remove the lock file `path` if it still holds `owner` (a lock judged stale and taken over is not ours)."""
-    try:
-        with open(path, "rb") as f:
-            if f.read() != owner:
-                return
-    except FileNotFoundError:
-        return
-    _remove(path)
+    if _holds(path, owner):
+        _remove(path)
 
 
 def touch(path: str, owner: bytes) -> None:
     """Refresh the file time of a lock that still holds `owner`: a heartbeat other hosts can see."""
     try:
-        with open(path, "rb") as f:
-            if f.read() == owner:
-                os.utime(path)
+        if _holds(path, owner):
+            os.utime(path)
     except FileNotFoundError:
         pass
 
 
+def _holds(path: str, owner: bytes) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read() == owner
+    except FileNotFoundError:
+        return False
+
+
 def _owner() -> bytes:
+    boot, pidns = _process_space()
     pid = os.getpid()
-    return json.dumps({"host": socket.gethostname(), "space": _space(), "pid": pid, "start": _start(pid),
+    return json.dumps({"host": socket.gethostname(), "boot": boot, "pidns": pidns, "pid": pid, "start": _start(pid),
                        "nonce": uuid.uuid4().hex}).encode()
 
 
-def _link(tmp: str, path: str) -> bool:
+def _link(tmp: str, path: str, owner: bytes) -> bool:
     try:
         os.link(tmp, path)
         return True
@@ -86,8 +90,7 @@ def _link(tmp: str, path: str) -> bool:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
         return False
-    with open(tmp, "rb") as f:
-        os.write(fd, f.read())
+    os.write(fd, owner)
     os.close(fd)
     return True
 
@@ -106,15 +109,16 @@ def _stale_content(path: str, stale_s: float, now: float) -> bytes | None:
             raise ValueError
     except ValueError:
         return content if age > UNREADABLE_STALE_S else None
-    if info.get("host") == socket.gethostname():
-        here, there = _space(), info.get("space")
-        if here and there and here.split(":")[0] != there.split(":")[0]:
-            return content  # an earlier boot of this host: every process of it is gone
-        if there is None or there == here:  # (locks written before `space` existed: this process space)
-            if not _runs(info.get("pid"), info.get("start")):
-                return content
-            if info.get("start") is not None:
-                return None
+    if info.get("host") != socket.gethostname():
+        return content if age > stale_s else None
+    boot, pidns = _process_space()
+    if boot and info.get("boot") not in (None, boot):
+        return content  # an earlier boot of this host: every process of it is gone
+    if info.get("pidns") in (None, pidns):  # (None: written before the field existed, or without /proc)
+        if not _runs(info.get("pid"), info.get("start")):
+            return content
+        if info.get("start") is not None:
+            return None  # alive, and not a reused pid
     return content if age > stale_s else None
 
 
@@ -158,13 +162,14 @@ def _runs(pid, start) -> bool:
     return state not in "ZX" and (start is None or tick == start)
 
 
-def _space() -> str | None:
-    """Boot id and pid namespace: where a pid names one process (Linux)."""
+@functools.cache
+def _process_space() -> tuple[str | None, int | None]:
+    """Boot id and pid namespace: where a pid names one process (Linux; None, None elsewhere)."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
-            return f"{f.read().strip()}:{os.stat('/proc/self/ns/pid').st_ino}"
+            return f.read().strip(), os.stat("/proc/self/ns/pid").st_ino
     except OSError:
-        return None
+        return None, None
 
 
 def _start(pid: int) -> str | None:

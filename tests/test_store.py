@@ -149,6 +149,11 @@ def _plant_lock(path, age_s=0.0, **owner):
     os.utime(path, (then, then))
 
 
+def _owned_by(pid):
+    boot, pidns = locks._process_space()
+    return dict(boot=boot, pidns=pidns, pid=pid, start=locks._start(pid))
+
+
 @pytest.fixture
 def live_pid():
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -159,7 +164,7 @@ def live_pid():
 
 def test_a_live_owner_on_this_host_is_never_broken_however_long_it_holds(store, live_pid):
     path = store.abs("locks/x.lock")
-    _plant_lock(path, 10 * 3600, space=locks._space(), pid=live_pid, start=locks._start(live_pid))
+    _plant_lock(path, 10 * 3600, **_owned_by(live_pid))
     with pytest.raises(TimeoutError):
         with store.lock("x", timeout_s=0.3):
             pass
@@ -169,7 +174,7 @@ def test_a_live_owner_on_this_host_is_never_broken_however_long_it_holds(store, 
 @pytest.mark.parametrize("gone", ["reused pid", "zombie", "earlier boot"])
 def test_a_lock_whose_owner_is_gone_is_taken_over(store, live_pid, gone):
     path = store.abs("locks/x.lock")
-    owner = dict(space=locks._space(), pid=live_pid, start=locks._start(live_pid))
+    owner = _owned_by(live_pid)
     zombie = None
     if gone == "reused pid":
         owner["start"] = "-1"  # the pid now runs another process
@@ -177,9 +182,9 @@ def test_a_lock_whose_owner_is_gone_is_taken_over(store, live_pid, gone):
         zombie = subprocess.Popen([sys.executable, "-c", "pass"])
         while locks._stat(zombie.pid)[0] != "Z":  # exited, not yet reaped
             time.sleep(0.01)
-        owner.update(pid=zombie.pid, start=locks._start(zombie.pid))
+        owner = _owned_by(zombie.pid)
     else:
-        owner["space"] = "another-boot:" + owner["space"].split(":")[1]
+        owner["boot"] = "another-boot"
     _plant_lock(path, **owner)
     with store.lock("x", timeout_s=5):
         assert json.load(open(path))["pid"] == os.getpid()
@@ -191,7 +196,7 @@ def test_a_lock_whose_owner_is_gone_is_taken_over(store, live_pid, gone):
 def test_a_lock_from_another_pid_namespace_is_held_until_stale(store):
     # Containers that share the host's name but not its pids: a pid there says nothing here.
     path = store.abs("locks/x.lock")
-    _plant_lock(path, space=locks._space().split(":")[0] + ":1", pid=_dead_pid(), start="1")
+    _plant_lock(path, **_owned_by(_dead_pid()) | dict(pidns=1, start="1"))
     with pytest.raises(TimeoutError):
         with store.lock("x", timeout_s=0.3):
             pass
@@ -203,13 +208,13 @@ def test_a_lock_from_another_pid_namespace_is_held_until_stale(store):
 
 def test_release_leaves_a_claim_that_another_process_holds(store, live_pid):
     path = store.abs("claims/s/v1/u.json")
-    _plant_lock(path, space=locks._space(), pid=live_pid, start=locks._start(live_pid))
+    _plant_lock(path, **_owned_by(live_pid))
     assert not store.claim("s", "v1", "u")
     store.release("s", "v1", "u")
     assert json.load(open(path))["pid"] == live_pid
     os.remove(path)
     assert store.claim("s", "v1", "u")
-    _plant_lock(path, 3600, space=locks._space(), pid=live_pid, start=locks._start(live_pid))  # taken over meanwhile
+    _plant_lock(path, 3600, **_owned_by(live_pid))  # taken over meanwhile
     store.touch_claims()
     assert time.time() - os.path.getmtime(path) > 3000  # no heartbeat for another's claim
     store.release("s", "v1", "u")
